@@ -1,0 +1,286 @@
+"""Saving and loading compressed models as ordinary Hugging Face folders.
+
+Layout (DESIGN.md §3): ``config.json`` whose ``quantization_config`` carries
+``quant_method: "rankcut"`` and the per-module rank map, sharded ``*.safetensors`` with
+``<module>.weight_u`` / ``<module>.weight_v``, and the tokenizer files.
+
+Each factorized module also stores a one-element marker under its dense name
+``<module>.weight``. A transformers without rankcut imported skips the unknown
+``quant_method`` and would otherwise fill the missing dense weights with random values; the
+marker's shape mismatch makes that load fail loudly instead. With rankcut imported, the
+registered quantizer builds ``LowRankLinear`` modules from the rank map and ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import CheckpointError
+from .modules import LowRankLinear
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "rankcut"
+SUPPORTED_FORMATS = (1,)
+MARKER_SUFFIX = ".weight"
+
+
+class RankcutConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a rankcut checkpoint, as transformers sees it.
+
+    Args:
+        rank_map: {module name: rank, or None for a module kept dense}.
+        format_version: checkpoint format version.
+        **kwargs: the rest of the entry (method, settings, ratios, versions), kept verbatim.
+    """
+
+    def __init__(self, rank_map: dict | None = None, format_version: int = 1, **kwargs) -> None:
+        self.quant_method = QUANT_METHOD
+        self.rank_map = dict(rank_map or {})
+        self.format_version = format_version
+        for key, value in kwargs.items():
+            if key != "quant_method":
+                setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        """Returns the JSON-ready entry, ``quant_method`` first."""
+        return {"quant_method": QUANT_METHOD, **{k: v for k, v in self.__dict__.items()
+                                                 if k != "quant_method"}}
+
+
+class RankcutHfQuantizer(HfQuantizer):
+    """Rebuilds ``LowRankLinear`` modules from the rank map before the weights are loaded."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        dtype = kwargs.get("dtype") or model.dtype
+        replace_with_low_rank(model, self.quantization_config.rank_map, dtype=dtype,
+                              device="meta")
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        markers = {re.escape(name + MARKER_SUFFIX) + "$"
+                   for name, rank in self.quantization_config.rank_map.items() if rank}
+        model._keys_to_ignore_on_load_unexpected = ignore | markers
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register_with_transformers() -> None:
+    """Registers the rankcut quantizer and config with transformers (idempotent).
+
+    Side effect: adds ``"rankcut"`` to transformers' quantizer registries, so that
+    ``AutoModelForCausalLM.from_pretrained`` rebuilds rankcut checkpoints.
+    """
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, RankcutConfig)
+    AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, RankcutHfQuantizer)
+
+
+def replace_with_low_rank(model: nn.Module, rank_map: dict, dtype: torch.dtype,
+                          device: str | torch.device = "meta") -> None:
+    """Swaps each ``nn.Linear`` named in ``rank_map`` with a rank entry for an empty
+    ``LowRankLinear`` of that rank. Mutates ``model``.
+
+    Raises:
+        CheckpointError: a named module is missing or not an ``nn.Linear``.
+    """
+    for name, rank in rank_map.items():
+        if not rank:
+            continue
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise CheckpointError(f"rank map names {name}, which the model does not have") from err
+        if not isinstance(layer, nn.Linear):
+            raise CheckpointError(f"rank map names {name}, a {type(layer).__name__}, not a Linear")
+        model.set_submodule(name, LowRankLinear(layer.in_features, layer.out_features, int(rank),
+                                                bias=layer.bias is not None, device=device,
+                                                dtype=dtype))
+
+
+def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
+                    max_shard_size: str = "2GB") -> Path:
+    """Writes a compressed model as a Hugging Face folder, atomically.
+
+    Everything is written to a temporary sibling folder which is renamed into place at the
+    end, so an interrupted save never leaves a folder that looks complete; an existing
+    folder at ``path`` is replaced only once the new one is whole.
+
+    Args:
+        model: a model compressed by ``rankcut.compress`` (or loaded from a checkpoint).
+        path: the output folder.
+        tokenizer: saved alongside when given.
+        max_shard_size: largest safetensors shard.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        CheckpointError: the model carries no rankcut ``quantization_config``.
+    """
+    path = Path(path)
+    entry = _rankcut_entry(model.config)
+    if entry is None:
+        raise CheckpointError("model has no rankcut quantization_config; compress it first")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, rank in entry["rank_map"].items():
+        if rank:
+            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
+    model.config.quantization_config = entry
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(path, write)
+
+
+def write_dir_atomically(target: str | Path, write: Callable[[Path], object]) -> Path:
+    """Calls ``write(tmp)`` on a fresh temporary sibling folder, then renames it to ``target``.
+
+    An existing ``target`` is replaced only after ``write`` returned; if ``write`` raises,
+    the temporary folder is removed and ``target`` is left as it was.
+
+    Returns:
+        ``target`` as a Path.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("wrote %s", target)
+    return target
+
+
+def _rankcut_entry(config) -> dict | None:
+    entry = getattr(config, "quantization_config", None)
+    if entry is not None and not isinstance(entry, dict):
+        entry = entry.to_dict()
+    return entry if entry and entry.get("quant_method") == QUANT_METHOD else None
+
+
+def validate_checkpoint(path: str | Path) -> dict:
+    """Checks that a folder is a whole rankcut checkpoint before any weight is loaded.
+
+    Returns:
+        The ``quantization_config`` entry.
+
+    Raises:
+        CheckpointError: the folder, config.json or a shard is missing, unreadable or
+            truncated, or the format is not one this version reads.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} has no config.json; not a complete checkpoint") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / 'config.json'} is corrupt: {err}") from err
+    entry = config.get("quantization_config") or {}
+    if entry.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path} is not a rankcut checkpoint (no rankcut entry in config)")
+    if entry.get("format_version") not in SUPPORTED_FORMATS:
+        raise CheckpointError(
+            f"{path} has rankcut format_version {entry.get('format_version')!r}; "
+            f"this rankcut reads {SUPPORTED_FORMATS}"
+        )
+    for shard in _shard_files(path):
+        _check_shard(shard)
+    return entry
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is corrupt: {err}") from err
+        return [path / name for name in names]
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors; not a complete checkpoint")
+    return [single]
+
+
+def _check_shard(shard: Path) -> None:
+    if not shard.is_file():
+        raise CheckpointError(f"shard {shard.name} is missing from {shard.parent}")
+    try:
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"shard {shard} is corrupt or truncated: {err}") from err
+    header = _header_end(shard)
+    if header > shard.stat().st_size:
+        raise CheckpointError(f"shard {shard} is truncated")
+
+
+def _header_end(shard: Path) -> int:
+    with open(shard, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + size + max(ends, default=0)
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
+                    device: str = "cpu") -> nn.Module:
+    """Loads a rankcut checkpoint, rebuilding its low-rank modules.
+
+    Args:
+        path: the checkpoint folder.
+        dtype: parameter dtype (default: the dtype stored in config.json).
+        device: where to place the model.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: the folder is not a whole, readable rankcut checkpoint.
+    """
+    validate_checkpoint(path)
+    register_with_transformers()
+    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model.to(device).eval()

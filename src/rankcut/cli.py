@@ -1,0 +1,254 @@
+"""The ``rankcut`` command line: compress | eval | info | export | assets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import RankcutError
+
+logger = logging.getLogger("rankcut")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the process exit code (2 for a rankcut error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except RankcutError as err:
+        print(f"rankcut: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser with one sub-command per verb."""
+    from .methods import DEFAULT_METHOD, METHODS
+
+    parser = argparse.ArgumentParser(prog="rankcut", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model (no arguments: the embedded default)")
+    c.add_argument("--model", default=None, help="HF folder, .gguf file or hub id (default: "
+                   "bundled SmolLM2-135M-Instruct)")
+    c.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    c.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of target-layer parameters to remove, in (0, 1)")
+    c.add_argument("--calib", default="wiki", help="wiki | wikitext2 | c4 | ptb")
+    c.add_argument("--calib-file", default=None, help="local .txt or .jsonl calibration text")
+    c.add_argument("--num-samples", type=int, default=64)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--seed", type=int, default=3)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--sequential", action="store_true",
+                   help="feed each block the already-compressed blocks' outputs")
+    c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
+    c.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
+    c.add_argument("--output", default="rankcut-out")
+    c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    _add_eval_args(c, seqlen_flag="--eval-seqlen", default_windows=20)
+    c.add_argument("--json", default=None, metavar="FILE", help="write the run's figures here")
+    c.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity of a dense or compressed model")
+    e.add_argument("model", help="model folder, .gguf file or hub id ('smollm2' = bundled)")
+    _add_eval_args(e, seqlen_flag="--seqlen", default_windows=None)
+    e.add_argument("--json", default=None, metavar="FILE")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="print a checkpoint's method, ratio and rank allocation")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("export", help="write a plain dense checkpoint any runtime can load")
+    x.add_argument("path")
+    x.add_argument("--dense", action="store_true", required=True)
+    x.add_argument("--output", required=True)
+    x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("assets", help="fetch and convert the offline model and text")
+    a.set_defaults(func=cmd_assets)
+    return parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser, seqlen_flag: str, default_windows) -> None:
+    p.add_argument("--eval", default="wiki", help="wiki | wikitext2 | c4 | ptb")
+    p.add_argument("--eval-file", default=None, help="local .txt or .jsonl evaluation text")
+    p.add_argument(seqlen_flag, dest="eval_seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=default_windows)
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    """Loads, calibrates, compresses, saves, evaluates and prints the closing table."""
+    import torch
+
+    from . import checkpoint, data, methods, models, pipeline
+
+    config = methods.make_config(args.method, ratio=args.ratio, sequential=args.sequential)
+    start = time.perf_counter()
+    model, tokenizer = models.load_model(args.model)
+    calib = None
+    if config.needs_input_stats:
+        text = data.load_text(args.calib_file or args.calib, part="calib")
+        calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen, args.seed)
+    eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
+    dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
+    dense_bytes = _param_bytes(model)
+    torch.manual_seed(args.seed)
+    report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size)
+    out = checkpoint.save_pretrained(model, args.output, tokenizer)
+    (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
+    ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
+    figures = {
+        "model": args.model or models.DEFAULT_MODEL, "method": config.name,
+        "settings": config.settings(), "output": str(out),
+        "target_ratio": config.ratio, "achieved_ratio": report.achieved_ratio,
+        "target_params_dense": report.dense_params, "target_params_kept": report.kept_params,
+        "model_bytes_dense": dense_bytes, "model_bytes": _param_bytes(model),
+        "dense_perplexity": dense_ppl, "perplexity": ppl,
+        "compress_seconds": report.seconds, "wall_seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    _print_module_summary(report)
+    _print_closing_table(figures)
+    _write_json(args.json, figures)
+
+
+def _eval_ids(args: argparse.Namespace, tokenizer):
+    from . import data
+
+    text = data.load_text(args.eval_file or args.eval, part="test")
+    return data.eval_token_ids(tokenizer, text)
+
+
+def _perplexity(model, ids, args: argparse.Namespace) -> float:
+    from .evaluation import evaluate
+
+    result = evaluate(model, ids, seqlen=args.eval_seqlen, max_windows=args.max_windows)
+    if result.nonfinite_windows:
+        logger.warning("windows with non-finite loss: %s", result.nonfinite_windows)
+    return result.perplexity
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Prints (and optionally writes) the perplexity of one model."""
+    from . import models
+    from .evaluation import evaluate
+
+    model, tokenizer = models.load_model(args.model)
+    result = evaluate(model, _eval_ids(args, tokenizer), seqlen=args.eval_seqlen,
+                      max_windows=args.max_windows)
+    figures = {"model": args.model, "perplexity": result.perplexity, "nll": result.nll,
+               "windows": result.windows, "tokens": result.tokens,
+               "nonfinite_windows": result.nonfinite_windows, "peak_rss_mb": peak_rss_mb()}
+    _print_table(figures)
+    _write_json(args.json, figures)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Prints a checkpoint's method, settings, ratios and its rank allocation."""
+    from .checkpoint import validate_checkpoint
+
+    entry = validate_checkpoint(args.path)
+    print(f"method: {entry['method']}  settings: {json.dumps(entry.get('settings', {}))}")
+    print(f"target ratio: {entry.get('target_ratio')}  achieved: {entry.get('achieved_ratio')}")
+    by_type: dict[str, list] = defaultdict(list)
+    for name, rank in entry["rank_map"].items():
+        by_type[name.rsplit(".", 1)[-1]].append(rank)
+    print(f"{'module type':<16}{'count':>6}{'dense':>7}{'min rank':>10}{'max rank':>10}")
+    for kind, ranks in by_type.items():
+        low = [r for r in ranks if r]
+        print(f"{kind:<16}{len(ranks):>6}{len(ranks) - len(low):>7}"
+              f"{min(low, default='-'):>10}{max(low, default='-'):>10}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Writes a dense copy of a rankcut checkpoint (plain safetensors, no rankcut needed)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import from_pretrained, write_dir_atomically
+    from .pipeline import to_dense
+
+    model = to_dense(from_pretrained(args.path))
+    tokenizer = AutoTokenizer.from_pretrained(args.path)
+    write_dir_atomically(args.output, lambda tmp: (model.save_pretrained(tmp),
+                                                   tokenizer.save_pretrained(tmp)))
+    print(f"dense checkpoint written to {args.output}")
+
+
+def cmd_assets(args: argparse.Namespace) -> None:
+    """Fetches every offline asset and prints where it lives."""
+    from .assets import ensure_all
+
+    for name, path in ensure_all().items():
+        print(f"{name}: {path}")
+
+
+def peak_rss_mb() -> float:
+    """Returns this process's peak resident memory in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _print_module_summary(report) -> None:
+    by_type: dict[str, list] = defaultdict(list)
+    for m in report.modules:
+        by_type[m.name.rsplit(".", 1)[-1]].append(m)
+    print(f"\n{'module type':<14}{'count':>6}{'dense':>7}{'mean rank':>11}{'mean rel loss':>15}")
+    for kind, mods in by_type.items():
+        ranks = [m.rank for m in mods if m.rank]
+        mean_rank = f"{sum(ranks) / len(ranks):.1f}" if ranks else "-"
+        rel = sum(m.relative_loss for m in mods) / len(mods)
+        print(f"{kind:<14}{len(mods):>6}{len(mods) - len(ranks):>7}{mean_rank:>11}{rel:>15.4f}")
+
+
+def _print_closing_table(f: dict) -> None:
+    def fmt(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:,.4f}" if isinstance(value, float) else f"{value:,}"
+
+    rows = [
+        ("perplexity", f["dense_perplexity"], f["perplexity"]),
+        ("target-layer params", f["target_params_dense"], f["target_params_kept"]),
+        ("model bytes", f["model_bytes_dense"], f["model_bytes"]),
+        ("ratio (target / achieved)", f["target_ratio"], f["achieved_ratio"]),
+    ]
+    print(f"\n{f['method']} on {f['model']} -> {f['output']}")
+    print(f"{'':<28}{'dense':>16}{'compressed':>16}")
+    for label, dense, compressed in rows:
+        print(f"{label:<28}{fmt(dense):>16}{fmt(compressed):>16}")
+    print(f"compression {f['compress_seconds']:.1f} s, wall {f['wall_seconds']:.1f} s, "
+          f"peak RSS {f['peak_rss_mb']:.0f} MiB")
+
+
+def _print_table(figures: dict) -> None:
+    print()
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        print(f"{key:<{width}}  {value}")
+
+
+def _write_json(path: str | None, figures: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

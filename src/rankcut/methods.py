@@ -1,0 +1,112 @@
+"""Compression methods: one frozen config dataclass per method and a small registry.
+
+A method says which statistics it needs and how to decompose one weight matrix given them;
+the pipeline (``rankcut.pipeline``) gathers the statistics and applies the result. Adding a
+method means writing a config class and a decompose function, then registering them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from . import linalg
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings shared by every method.
+
+    Attributes:
+        ratio: fraction of target-layer parameters to remove, in (0, 1).
+        sequential: feed each decoder block the outputs of the already-compressed blocks
+            before it (instead of the original model's activations).
+    """
+
+    name: ClassVar[str] = ""
+    needs_input_stats: ClassVar[bool] = False
+    ratio: float = 0.2
+    sequential: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"ratio must be in the open interval (0, 1); got {self.ratio!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the settings as a JSON-ready dict (written into the checkpoint)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SVDConfig(MethodConfig):
+    """Plain truncated SVD of each weight, uniform ranks."""
+
+    name: ClassVar[str] = "svd"
+
+
+@dataclass(frozen=True)
+class SVDLLMConfig(MethodConfig):
+    """SVD-LLM: truncation-aware input whitening (Cholesky of R), uniform ranks."""
+
+    name: ClassVar[str] = "svd-llm"
+    needs_input_stats: ClassVar[bool] = True
+
+
+Decomposer = Callable[[MethodConfig, torch.Tensor, "linalg.SecondMoment | None"],
+                      linalg.Decomposition]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its config class and its per-matrix decomposition."""
+
+    config_cls: type[MethodConfig]
+    decompose: Decomposer
+
+
+def _plain_svd(config: MethodConfig, weight: torch.Tensor, stats: Any) -> linalg.Decomposition:
+    return linalg.decompose(weight)
+
+
+def _svd_llm(config: MethodConfig, weight: torch.Tensor,
+             stats: linalg.SecondMoment | None) -> linalg.Decomposition:
+    return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(stats.mean()))
+
+
+METHODS: dict[str, MethodSpec] = {
+    SVDConfig.name: MethodSpec(SVDConfig, _plain_svd),
+    SVDLLMConfig.name: MethodSpec(SVDLLMConfig, _svd_llm),
+}
+
+#: The method ``rankcut compress`` uses when none is named.
+DEFAULT_METHOD = SVDLLMConfig.name
+
+
+def method_spec(name: str) -> MethodSpec:
+    """Returns the registered method called ``name``.
+
+    Raises:
+        ConfigError: no method has that name; the message lists the valid names.
+    """
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_config(name: str, **settings: Any) -> MethodConfig:
+    """Builds the config of method ``name`` from keyword settings, ignoring ``None`` values.
+
+    Raises:
+        ConfigError: unknown method, unknown setting, or a value out of range.
+    """
+    cls = method_spec(name).config_cls
+    known = {f.name for f in fields(cls)}
+    given = {k: v for k, v in settings.items() if v is not None}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"method {name!r} has no setting(s) {unknown}; it takes {sorted(known)}")
+    return cls(**given)

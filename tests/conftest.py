@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random transformers models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 96
+
+
+def tiny_config(kind: str = "llama"):
+    """Returns a config for a 2-block model of the given architecture family."""
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
+
+    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "mistral":
+        return MistralConfig(**common)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=12, sliding_window=16)
+    if kind == "opt":
+        return OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=112, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256,
+                         word_embed_proj_dim=48)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0):
+    """Builds a seeded random causal LM of the given family, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def calib_ids():
+    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,137 @@
+"""The pure math on random matrices: whitening, truncation identities, fallbacks."""
+
+import pytest
+import torch
+
+from rankcut import linalg
+
+
+def _data(m=24, n=16, tokens=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix  # correlated inputs
+    return w, x
+
+
+def _moment(x):
+    stats = linalg.SecondMoment.zeros(x.shape[1])
+    for chunk in x.split(37):
+        stats.update(chunk)
+    return stats
+
+
+def test_second_moment_matches_direct_sum_and_merges():
+    _, x = _data()
+    stats = _moment(x)
+    assert stats.count == x.shape[0]
+    torch.testing.assert_close(stats.mean(), x.T @ x / x.shape[0])
+    a, b = _moment(x[:100]), _moment(x[100:])
+    a.merge(b)
+    torch.testing.assert_close(a.xx, stats.xx)
+    assert a.count == stats.count
+
+
+def test_empty_second_moment_raises():
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        linalg.SecondMoment.zeros(3).mean()
+
+
+@pytest.mark.parametrize("rank", [1, 5, 11])
+def test_truncation_loss_equals_discarded_whitened_sigma(rank):
+    w, x = _data()
+    r = _moment(x).mean()
+    dec = linalg.decompose(w, input_whitening=linalg.cholesky_whitening(r))
+    w_u, w_v = dec.factors(rank)
+    measured = linalg.reconstruction_error(w, w_u @ w_v, r)
+    predicted = dec.truncation_loss(rank)
+    assert abs(measured - predicted) <= 1e-6 * predicted
+    # and the same figure as ‖(W − W′)X‖² / N
+    direct = float(((w - w_u @ w_v) @ x.T).square().sum()) / x.shape[0]
+    assert abs(direct - predicted) <= 1e-6 * predicted
+
+
+def test_full_rank_reproduces_weight():
+    w, x = _data()
+    dec = linalg.decompose(w, input_whitening=linalg.cholesky_whitening(_moment(x).mean()))
+    w_u, w_v = dec.factors(min(w.shape))
+    torch.testing.assert_close(w_u @ w_v, w, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [2, 6, 10])
+def test_whitened_svd_beats_plain_svd_on_activations(rank):
+    w, x = _data()
+    r = _moment(x).mean()
+    plain = linalg.decompose(w).factors(rank)
+    whitened = linalg.decompose(w, input_whitening=linalg.cholesky_whitening(r)).factors(rank)
+    err_plain = linalg.reconstruction_error(w, plain[0] @ plain[1], r)
+    err_white = linalg.reconstruction_error(w, whitened[0] @ whitened[1], r)
+    assert err_white < err_plain
+
+
+def test_rank_deficient_statistics_still_factorize(caplog):
+    w, x = _data(tokens=5)  # fewer tokens than inputs: R has rank 5 < 16
+    r = _moment(x).mean()
+    whitening = linalg.cholesky_whitening(r)
+    assert whitening.damping > 0 or whitening.kind == "eigen"
+    assert "damped" in caplog.text or "eigen-root" in caplog.text
+    w_u, w_v = linalg.decompose(w, input_whitening=whitening).factors(4)
+    assert torch.isfinite(w_u).all() and torch.isfinite(w_v).all()
+    # on the calibration tokens the whitened cut still beats plain SVD
+    plain = linalg.decompose(w).factors(4)
+    assert (linalg.reconstruction_error(w, w_u @ w_v, r)
+            <= linalg.reconstruction_error(w, plain[0] @ plain[1], r) * (1 + 1e-6))
+
+
+def test_zero_matrix_is_damped_and_factorizes(caplog):
+    whitening = linalg.cholesky_whitening(torch.zeros(6, 6, dtype=torch.float64))
+    assert whitening.damping > 0
+    assert "damped" in caplog.text
+    w = torch.randn(4, 6, dtype=torch.float64)
+    w_u, w_v = linalg.decompose(w, input_whitening=whitening).factors(2)
+    assert torch.isfinite(w_u @ w_v).all()
+
+
+def test_indefinite_matrix_falls_back_to_clamped_eigen_root(caplog):
+    r = torch.diag(torch.tensor([3.0, 2.0, -4.0], dtype=torch.float64))
+    whitening = linalg.cholesky_whitening(r)
+    assert whitening.kind == "eigen"
+    assert "eigen-root" in caplog.text
+    assert torch.isfinite(whitening.right_inverse(torch.eye(3, dtype=torch.float64))).all()
+
+
+def test_eigen_root_and_cholesky_agree_on_their_own_root():
+    w, x = _data()
+    r = _moment(x).mean()
+    for whitening in (linalg.cholesky_whitening(r), linalg.eigen_whitening(r)):
+        s = whitening.root
+        torch.testing.assert_close(s @ s.T, r, rtol=1e-6, atol=1e-8)
+        a = torch.randn(3, r.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(whitening.right_inverse(a) @ s, a, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(s.T @ whitening.left_inverse_transpose(a.T), a.T,
+                                   rtol=1e-6, atol=1e-8)
+
+
+def test_nan_statistics_raise_a_clear_error():
+    r = torch.eye(4, dtype=torch.float64)
+    r[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        linalg.cholesky_whitening(r)
+
+
+def test_break_even_and_uniform_rank():
+    m, n = 576, 1536
+    star = linalg.break_even_rank(m, n)
+    assert star * (m + n) < m * n <= (star + 1) * (m + n)
+    r = linalg.uniform_rank(m, n, 0.2)
+    assert r * (m + n) <= 0.8 * m * n < (r + 1) * (m + n)
+    assert linalg.factored_params(m, n, None) == m * n
+
+
+def test_column_and_row_scaling_are_undone_by_factors():
+    w, _ = _data()
+    col = torch.rand(w.shape[1], dtype=torch.float64) + 0.5
+    row = torch.rand(w.shape[0], dtype=torch.float64) + 0.5
+    for dec in (linalg.decompose(w, column_scale=col), linalg.decompose(w, row_scale=row)):
+        w_u, w_v = dec.factors(min(w.shape))
+        torch.testing.assert_close(w_u @ w_v, w, atol=1e-9, rtol=1e-9)
