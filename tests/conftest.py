@@ -51,3 +51,37 @@ def llama():
 @pytest.fixture
 def calib_ids():
     return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer over the words ``w0 .. w{VOCAB-2}`` (ids 1..)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(VOCAB - 1)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def word_text(n: int, seed: int = 0) -> str:
+    """Returns ``n`` seeded random words the tiny tokenizer knows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB - 1, (n,), generator=g).tolist()
+    return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama saved as a Hugging Face folder with a tokenizer."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(word_text(3000))
+    return path

@@ -227,6 +227,9 @@ def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str
                            inputs: list[Batch]) -> tuple[dict[str, linalg.SecondMoment], list]:
     """Runs a block with hooks that accumulate each target layer's input second moment.
 
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
+    distinct input is accumulated once.
+
     Returns:
         ({module name: statistics}, the block's outputs on every batch).
 
@@ -234,24 +237,33 @@ def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str
         CalibrationError: a target layer received NaN or infinite activations.
     """
     stats = {name: linalg.SecondMoment.zeros(targets[name].in_features) for name in names}
-    handles = [targets[name].register_forward_hook(_stats_hook(name, stats[name]))
-               for name in names]
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            first = seen.get(id(x))
+            if first is not None and first[0] is x:
+                stats[name] = stats[first[1]]
+                return
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"non-finite (NaN/inf) activations at the input of {name}")
+            seen[id(x)] = (x, name)
+            stats[name].update(x)
+
+        return hook
+
+    handles = [targets[name].register_forward_hook(make_hook(name)) for name in names]
+    outputs = []
     try:
-        outputs = run_block(block, inputs)
+        for batch in inputs:
+            seen.clear()
+            outputs.extend(run_block(block, [batch]))
     finally:
+        seen.clear()
         for handle in handles:
             handle.remove()
     return stats, outputs
-
-
-def _stats_hook(name: str, moment: linalg.SecondMoment):
-    def hook(module, args, output):
-        x = args[0]
-        if not torch.isfinite(x).all():
-            raise CalibrationError(f"non-finite (NaN/inf) activations at the input of {name}")
-        moment.update(x)
-
-    return hook
 
 
 def to_dense(model: nn.Module) -> nn.Module:

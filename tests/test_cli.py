@@ -1,0 +1,130 @@
+"""The command line end to end on a tiny model folder, and its bad-input messages."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rankcut.cli import main
+
+from .conftest import VOCAB, word_text
+
+
+def _compress(model_dir, calib_file, out, *extra):
+    return main(["compress", "--model", str(model_dir), "--calib-file", str(calib_file),
+                 "--num-samples", "4", "--seqlen", "32", "--eval-file", str(calib_file),
+                 "--eval-seqlen", "64", "--max-windows", "2", "--output", str(out), *extra])
+
+
+@pytest.fixture
+def compressed_dir(model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert _compress(model_dir, calib_file, out, "--json", str(tmp_path / "run.json")) == 0
+    return out
+
+
+def test_compress_writes_checkpoint_rank_map_and_json(model_dir, calib_file, tmp_path, capsys):
+    compressed_dir = tmp_path / "out"
+    json_path = str(tmp_path / "run.json")
+    assert _compress(model_dir, calib_file, compressed_dir, "--json", json_path) == 0
+    figures = json.loads((tmp_path / "run.json").read_text())
+    assert figures["method"] == "svd-llm" and figures["target_ratio"] == 0.2
+    assert 0.2 <= figures["achieved_ratio"] < 0.25  # floor() on tiny 48-wide layers
+    assert figures["perplexity"] > 1 and figures["dense_perplexity"] > 1
+    assert figures["model_bytes"] < figures["model_bytes_dense"]
+    rank_map = json.loads((compressed_dir / "rank_map.json").read_text())
+    assert len(rank_map) == 14
+    out = capsys.readouterr().out
+    assert "ratio (target / achieved)" in out and "perplexity" in out
+
+
+def test_info_prints_allocation(compressed_dir, capsys):
+    assert main(["info", str(compressed_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "method: svd-llm" in out
+    assert "q_proj" in out and "down_proj" in out
+
+
+def test_eval_of_checkpoint_and_json(compressed_dir, calib_file, tmp_path):
+    path = tmp_path / "eval.json"
+    assert main(["eval", str(compressed_dir), "--eval-file", str(calib_file), "--seqlen", "64",
+                 "--max-windows", "3", "--json", str(path)]) == 0
+    figures = json.loads(path.read_text())
+    assert figures["windows"] == 3 and figures["tokens"] == 3 * 63
+    assert figures["nonfinite_windows"] == []
+
+
+def test_export_dense_loads_without_rankcut_entry(compressed_dir, tmp_path):
+    out = tmp_path / "dense"
+    assert main(["export", str(compressed_dir), "--dense", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    dense = AutoModelForCausalLM.from_pretrained(out)
+    low = AutoModelForCausalLM.from_pretrained(compressed_dir)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, low(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_wrong_model_path(calib_file, tmp_path, capsys):
+    assert _compress(tmp_path / "missing" / "model", calib_file, tmp_path / "o") == 2
+    assert "model path not found" in _error(capsys)
+
+
+def test_folder_without_config(calib_file, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _compress(tmp_path / "empty", calib_file, tmp_path / "o") == 2
+    assert "is not a model folder: it has no config.json" in _error(capsys)
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.1"])
+def test_ratio_outside_open_interval(model_dir, calib_file, tmp_path, capsys, ratio):
+    assert _compress(model_dir, calib_file, tmp_path / "o", "--ratio", ratio) == 2
+    assert "ratio must be in the open interval (0, 1)" in _error(capsys)
+
+
+def test_unsupported_model(calib_file, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .conftest import tiny_tokenizer
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        path)
+    tiny_tokenizer().save_pretrained(path)
+    assert _compress(path, calib_file, tmp_path / "o") == 2
+    assert "GPT2LMHeadModel is not supported" in _error(capsys)
+
+
+def test_empty_calibration_text(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    assert _compress(model_dir, empty, tmp_path / "o") == 2
+    assert "empty" in _error(capsys)
+
+
+def test_too_short_calibration_text_says_how_many_tokens(model_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text(word_text(20))
+    assert _compress(model_dir, short, tmp_path / "o") == 2
+    assert "calibration text has 20 tokens" in _error(capsys)
+
+
+def test_corrupt_checkpoint_eval(compressed_dir, calib_file, capsys):
+    shard = compressed_dir / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(["eval", str(compressed_dir), "--eval-file", str(calib_file)]) == 2
+    assert "truncated" in _error(capsys)
+
+
+def test_failed_run_keeps_previous_output(compressed_dir, model_dir, tmp_path, capsys):
+    before = (compressed_dir / "config.json").read_text()
+    short = tmp_path / "short.txt"
+    short.write_text(word_text(20))
+    assert _compress(model_dir, short, compressed_dir) == 2
+    assert (compressed_dir / "config.json").read_text() == before
