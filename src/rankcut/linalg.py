@@ -87,6 +87,12 @@ class Whitening:
             return torch.linalg.solve_triangular(self.root, a, upper=False, left=False)
         return a @ self._eigen_inverse()
 
+    def left_inverse(self, a: torch.Tensor) -> torch.Tensor:
+        """Returns ``S⁻¹ a`` (a has n rows)."""
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.root, a, upper=False, left=True)
+        return self._eigen_inverse() @ a
+
     def left_inverse_transpose(self, a: torch.Tensor) -> torch.Tensor:
         """Returns ``S⁻ᵀ a`` (a has n rows)."""
         if self.kind == "cholesky":
@@ -232,6 +238,28 @@ def decompose(
         a = output_whitening.root.T @ a
     u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
     return Decomposition(u, sigma, vh, input_whitening, output_whitening)
+
+
+def component_scores(decomposition: Decomposition, grad: torch.Tensor) -> torch.Tensor:
+    """First-order loss change of dropping each singular component, alone.
+
+    With A = Tᵀ W S = Σ σ_i u_i v_iᵀ, dropping component i changes W by
+    −σ_i T⁻ᵀ u_i v_iᵀ S⁻¹, so ΔL_i ≈ ⟨G, ΔW⟩ = −σ_i · u_iᵀ (T⁻¹ G S⁻ᵀ) v_i.
+
+    Args:
+        decomposition: the (whitened) SVD of W.
+        grad: G = ∂L/∂W, same shape as W.
+
+    Returns:
+        ΔL_i for every component, float64, in spectral order. No side effects.
+    """
+    g = grad.detach().to(torch.float64)
+    if decomposition.input_whitening is not None:
+        g = decomposition.input_whitening.left_inverse(g.T).T  # G S⁻ᵀ
+    if decomposition.output_whitening is not None:
+        g = decomposition.output_whitening.left_inverse(g)  # T⁻¹ G S⁻ᵀ
+    projected = (decomposition.u * (g @ decomposition.vh.T)).sum(0)
+    return -decomposition.sigma * projected
 
 
 def _diagonal_whitening(scale: torch.Tensor) -> Whitening:

@@ -1,0 +1,113 @@
+"""Quality benchmark: perplexity of every method × ratio on SmolLM2-135M-Instruct.
+
+Defaults follow the project's benchmark protocol: 64 calibration samples × 512 tokens of
+the built-in wiki calibration part (seed 3); perplexity on the first 20 windows of 2048
+tokens of the wiki test part. Each run is a separate process, so its peak RSS is its own.
+
+    .venv/bin/python benchmarks/quality.py                       # svd, svd-llm × 0.2/0.4/0.6
+    .venv/bin/python benchmarks/quality.py --methods svd-llm svd-llm:sequential --ratios 0.4
+
+A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequential``).
+Prints a table and writes JSON (default ``bench-out/quality.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
+    p.add_argument("--calib-file", default=None)
+    p.add_argument("--eval-file", default=None)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--output", default="bench-out/quality.json")
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -> dict:
+    """Compresses (unless ``method`` is None: the dense baseline) and evaluates one model."""
+    import torch
+
+    import rankcut
+    from rankcut import data
+    from rankcut.cli import peak_rss_mb
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = rankcut.load_model(args.model)
+    row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0}
+    if method is not None:
+        name, *flags = method.split(":")
+        config = rankcut.make_config(name, ratio=ratio, **{flag: True for flag in flags})
+        calib = None
+        if config.needs_input_stats:
+            text = data.load_text(args.calib_file or "wiki", "calib")
+            calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
+                                           args.seed)
+        report = rankcut.compress(model, config, calib)
+        row.update(achieved_ratio=report.achieved_ratio, compress_seconds=report.seconds)
+    test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
+    result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
+    row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,
+               peak_rss_mb=peak_rss_mb())
+    return row
+
+
+def spawn(argv: list[str], method: str, ratio: float) -> dict:
+    """Runs one configuration in a fresh process and returns its JSON row."""
+    cmd = [sys.executable, __file__, *argv, "--worker", method, str(ratio)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"run {method} @ {ratio} failed")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["wall_seconds"] = time.perf_counter() - start
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'method':<22}{'target':>8}{'achieved':>10}{'perplexity':>12}"
+          f"{'compress s':>12}{'peak RSS MiB':>14}")
+    for r in rows:
+        print(f"{r['method']:<22}{r['target_ratio']:>8.2f}{r.get('achieved_ratio', 0.0):>10.4f}"
+              f"{r['perplexity']:>12.2f}{r.get('compress_seconds', 0.0):>12.1f}"
+              f"{r['peak_rss_mb']:>14.0f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        method, ratio = args.worker
+        row = run_one(args, None if method == "dense" else method, float(ratio))
+        print(json.dumps(row))
+        return
+    rows = [spawn(argv, "dense", 0.0)]
+    for method in args.methods:
+        for ratio in args.ratios:
+            rows.append(spawn(argv, method, ratio))
+            print_table(rows[-1:])
+    print_table(rows)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "output")}
+    out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

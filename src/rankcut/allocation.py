@@ -1,0 +1,120 @@
+"""Rank allocation: how many singular components each matrix keeps under one budget.
+
+Pure functions on shapes and per-component scores; no model, no hooks. The budget is in
+parameters: the target layers keep at most (1 − ρ)·Σ mn, where a matrix of rank r keeps
+r(m + n) parameters when r is below its break-even rank r* and mn (dense) otherwise.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .linalg import break_even_rank, uniform_rank
+
+RULES = ("zero-sum", "least-sensitive")
+
+
+@dataclass
+class Selection:
+    """The outcome of a global selection.
+
+    Attributes:
+        ranks: {matrix: rank, or None when it stays dense (rank ≥ r*)}.
+        dropped: (matrix, component index, ΔL, running sum after it), in drop order.
+    """
+
+    ranks: dict[str, int | None]
+    dropped: list[tuple[str, int, float, float]] = field(default_factory=list)
+
+
+def kept_params(m: int, n: int, rank: int) -> int:
+    """Parameters a rank-``rank`` factorization keeps, or m·n when it is not below r*."""
+    return rank * (m + n) if rank < break_even_rank(m, n) else m * n
+
+
+def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int | None]:
+    """Returns r = floor((1 − ρ)·mn/(m + n)) per matrix; None where that is not below r*."""
+    ranks = {}
+    for name, (m, n) in shapes.items():
+        r = uniform_rank(m, n, ratio)
+        ranks[name] = r if r < break_even_rank(m, n) else None
+    return ranks
+
+
+def global_select(
+    shapes: dict[str, tuple[int, int]],
+    scores: dict[str, torch.Tensor],
+    ratio: float,
+    rule: str = "zero-sum",
+    min_rank: int = 1,
+) -> Selection:
+    """Drops singular components across all matrices until the parameter budget is met.
+
+    Each matrix offers only its smallest remaining component (spectral order is kept).
+    ``zero-sum``: two min-heaps keyed by |ΔL|, one for ΔL ≥ 0 and one for ΔL < 0; while the
+    running sum s of dropped ΔL is ≤ 0 the next drop comes from the positive heap, else from
+    the negative heap (the other heap when one is empty), so s stays near zero.
+    ``least-sensitive``: always drop the smallest |ΔL| offered.
+
+    Args:
+        shapes: {matrix: (m, n)}.
+        scores: {matrix: ΔL_i for its components, in spectral order}.
+        ratio: fraction of the total m·n to remove, in (0, 1).
+        rule: ``"zero-sum"`` or ``"least-sensitive"``.
+        min_rank: no matrix goes below this rank.
+
+    Returns:
+        The ranks (None = dense) and the drop trace. Deterministic: ties break by the
+        order of ``shapes``.
+
+    Raises:
+        ConfigError: unknown rule, or the budget cannot be met above ``min_rank``.
+    """
+    if rule not in RULES:
+        raise ConfigError(f"unknown allocation rule {rule!r}; choose one of {', '.join(RULES)}")
+    order = {name: i for i, name in enumerate(shapes)}
+    rank = {name: int(scores[name].numel()) for name in shapes}
+    values = {name: scores[name].tolist() for name in shapes}
+    kept = sum(kept_params(m, n, rank[name]) for name, (m, n) in shapes.items())
+    budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
+    heaps: dict[bool, list] = {True: [], False: []}
+
+    def offer(name: str) -> None:
+        if rank[name] > min_rank:
+            delta = values[name][rank[name] - 1]
+            heapq.heappush(heaps[delta >= 0], (abs(delta), order[name], name))
+
+    for name in shapes:
+        offer(name)
+    running, selection = 0.0, Selection(ranks={})
+    while kept > budget:
+        name = _next(heaps, running, rule)
+        if name is None:
+            raise ConfigError(f"cannot remove {ratio:.1%} of the parameters with min_rank="
+                              f"{min_rank}; lower min_rank or the ratio")
+        m, n = shapes[name]
+        delta = values[name][rank[name] - 1]
+        running += delta
+        selection.dropped.append((name, rank[name] - 1, delta, running))
+        kept -= kept_params(m, n, rank[name]) - kept_params(m, n, rank[name] - 1)
+        rank[name] -= 1
+        offer(name)
+    selection.ranks = {name: (r if r < break_even_rank(*shapes[name]) else None)
+                       for name, r in rank.items()}
+    return selection
+
+
+def _next(heaps: dict[bool, list], running: float, rule: str) -> str | None:
+    positive, negative = heaps[True], heaps[False]
+    if rule == "least-sensitive":
+        candidates = [h for h in (positive, negative) if h]
+        heap = min(candidates, key=lambda h: h[0]) if candidates else None
+    elif positive and (running <= 0 or not negative):
+        heap = positive
+    else:
+        heap = negative or None
+    return heapq.heappop(heap)[2] if heap else None
