@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--sequential", action="store_true",
                    help="feed each block the already-compressed blocks' outputs")
+    c.add_argument("--rule", default=None, choices=["zero-sum", "least-sensitive"],
+                   help="global selection rule (zero-sum)")
+    c.add_argument("--stages", type=int, default=None,
+                   help="1 = truncate only; N adds N-1 correct/re-truncate stages (zero-sum)")
+    c.add_argument("--min-rank", type=int, default=None, help="rank floor per matrix (zero-sum)")
+    c.add_argument("--grad-samples", type=int, default=None,
+                   help="calibration samples used for gradients (zero-sum; default all)")
+    c.add_argument("--rank-map", default=None, metavar="FILE",
+                   help="reuse a rank map (rank_map.json of an earlier run) instead of allocating")
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
     c.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
     c.add_argument("--output", default="rankcut-out")
@@ -93,7 +102,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     from . import checkpoint, data, methods, models, pipeline
 
-    config = methods.make_config(args.method, ratio=args.ratio, sequential=args.sequential)
+    config = methods.make_config(
+        args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
+        stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples)
+    rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     start = time.perf_counter()
     model, tokenizer = models.load_model(args.model)
     calib = None
@@ -104,7 +116,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
     dense_bytes = _param_bytes(model)
     torch.manual_seed(args.seed)
-    report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size)
+    report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
+                               rank_map=rank_map)
     out = checkpoint.save_pretrained(model, args.output, tokenizer)
     (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
     ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
@@ -115,12 +128,28 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "target_params_dense": report.dense_params, "target_params_kept": report.kept_params,
         "model_bytes_dense": dense_bytes, "model_bytes": _param_bytes(model),
         "dense_perplexity": dense_ppl, "perplexity": ppl,
+        "stage_losses": report.stage_losses,
         "compress_seconds": report.seconds, "wall_seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
     _print_module_summary(report)
     _print_closing_table(figures)
     _write_json(args.json, figures)
+
+
+def _read_rank_map(path: str) -> dict:
+    from .errors import ConfigError
+
+    try:
+        ranks = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"rank map file not found: {path}") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"rank map file {path} is not valid JSON: {err}") from err
+    if not isinstance(ranks, dict) or not all(
+            r is None or (isinstance(r, int) and r > 0) for r in ranks.values()):
+        raise ConfigError(f"rank map file {path} must map module names to positive ranks or null")
+    return ranks
 
 
 def _eval_ids(args: argparse.Namespace, tokenizer):
@@ -155,20 +184,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    """Prints a checkpoint's method, settings, ratios and its rank allocation."""
+    """Prints a checkpoint's method, settings, ratios and its rank allocation per block and
+    per module type."""
     from .checkpoint import validate_checkpoint
 
     entry = validate_checkpoint(args.path)
     print(f"method: {entry['method']}  settings: {json.dumps(entry.get('settings', {}))}")
     print(f"target ratio: {entry.get('target_ratio')}  achieved: {entry.get('achieved_ratio')}")
-    by_type: dict[str, list] = defaultdict(list)
-    for name, rank in entry["rank_map"].items():
-        by_type[name.rsplit(".", 1)[-1]].append(rank)
-    print(f"{'module type':<16}{'count':>6}{'dense':>7}{'min rank':>10}{'max rank':>10}")
-    for kind, ranks in by_type.items():
-        low = [r for r in ranks if r]
-        print(f"{kind:<16}{len(ranks):>6}{len(ranks) - len(low):>7}"
-              f"{min(low, default='-'):>10}{max(low, default='-'):>10}")
+    ranks = entry["rank_map"]
+    by_type: dict[str, dict] = defaultdict(dict)
+    by_block: dict[str, dict] = defaultdict(dict)
+    for name, rank in ranks.items():
+        by_type[name.rsplit(".", 1)[-1]][name] = rank
+        by_block[_block_label(name)][name] = rank
+    _print_rank_groups("per module type", by_type)
+    _print_rank_groups("per block", by_block)
+
+
+def _block_label(name: str) -> str:
+    parts = name.split(".")
+    digits = [p for p in parts if p.isdigit()]
+    return digits[0] if digits else "-"
+
+
+def _print_rank_groups(title: str, groups: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'group':<12}{'modules':>8}{'dense':>7}{'min rank':>10}{'mean rank':>11}"
+          f"{'max rank':>10}")
+    for label, ranks in groups.items():
+        low = [r for r in ranks.values() if r]
+        mean = f"{sum(low) / len(low):.1f}" if low else "-"
+        print(f"{label:<12}{len(ranks):>8}{len(ranks) - len(low):>7}{min(low, default='-'):>10}"
+              f"{mean:>11}{max(low, default='-'):>10}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

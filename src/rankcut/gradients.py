@@ -44,7 +44,12 @@ def _block_checkpointing(model: nn.Module):
         yield
         return
     _, blocks = find_decoder_blocks(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     try:
         for block in blocks:
             block.training = True  # the flag alone: children stay in eval mode
@@ -52,7 +57,7 @@ def _block_checkpointing(model: nn.Module):
     finally:
         for block in blocks:
             block.training = False
-        model.gradient_checkpointing_disable()
+        disable()
 
 
 def _batch_loss_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import linalg
+from .allocation import RULES
 from .errors import ConfigError
 
 
@@ -29,6 +30,7 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     needs_input_stats: ClassVar[bool] = False
+    allocation: ClassVar[str] = "uniform"  # or "global": ranks chosen across the model
     ratio: float = 0.2
     sequential: bool = False
 
@@ -56,6 +58,40 @@ class SVDLLMConfig(MethodConfig):
     needs_input_stats: ClassVar[bool] = True
 
 
+@dataclass(frozen=True)
+class ZeroSumConfig(SVDLLMConfig):
+    """Zero-Sum SVD: SVD-LLM whitening, then global selection of singular components by
+    their first-order effect on the calibration loss, keeping the predicted total near zero.
+
+    Attributes:
+        rule: ``"zero-sum"`` (two-heap rule) or ``"least-sensitive"`` (smallest |ΔL| first).
+        min_rank: no matrix is cut below this rank.
+        stages: 1 = truncate only; N > 1 adds N − 1 correct-and-re-truncate stages.
+        grad_samples: calibration samples used for gradients (None = all).
+        grad_batch_size: samples per forward/backward pass of the gradient computation.
+    """
+
+    name: ClassVar[str] = "zero-sum"
+    allocation: ClassVar[str] = "global"
+    rule: str = "zero-sum"
+    min_rank: int = 1
+    stages: int = 1
+    grad_samples: int | None = None
+    grad_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sequential:
+            raise ConfigError("zero-sum selects ranks globally and cannot run sequentially")
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        for key in ("min_rank", "stages", "grad_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1; got {getattr(self, key)}")
+        if self.grad_samples is not None and self.grad_samples < 1:
+            raise ConfigError(f"grad_samples must be at least 1; got {self.grad_samples}")
+
+
 Decomposer = Callable[[MethodConfig, torch.Tensor, "linalg.SecondMoment | None"],
                       linalg.Decomposition]
 
@@ -80,6 +116,7 @@ def _svd_llm(config: MethodConfig, weight: torch.Tensor,
 METHODS: dict[str, MethodSpec] = {
     SVDConfig.name: MethodSpec(SVDConfig, _plain_svd),
     SVDLLMConfig.name: MethodSpec(SVDLLMConfig, _svd_llm),
+    ZeroSumConfig.name: MethodSpec(ZeroSumConfig, _svd_llm),
 }
 
 #: The method ``rankcut compress`` uses when none is named.

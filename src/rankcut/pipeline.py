@@ -17,7 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import linalg
+from .allocation import global_select, uniform_ranks
 from .errors import CalibrationError, ConfigError
+from .gradients import calibration_gradients, calibration_loss
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
@@ -47,6 +49,7 @@ class CompressionReport:
     settings: dict
     modules: list[ModuleResult] = field(default_factory=list)
     seconds: float = 0.0
+    stage_losses: list[float] = field(default_factory=list)
 
     @property
     def dense_params(self) -> int:
@@ -91,6 +94,7 @@ def compress(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     batch_size: int = 8,
+    rank_map: dict[str, int | None] | None = None,
 ) -> CompressionReport:
     """Compresses ``model`` in place with the method ``config`` names.
 
@@ -105,6 +109,8 @@ def compress(
         include: glob patterns of modules to compress (default: all decoder-block linears).
         exclude: glob patterns of modules to leave alone.
         batch_size: calibration samples per forward pass.
+        rank_map: {module: rank or None (dense)} to use instead of the method's allocation,
+            e.g. one written by an earlier run.
 
     Returns:
         The report (ranks, losses, achieved ratio, seconds).
@@ -112,34 +118,129 @@ def compress(
     Raises:
         CalibrationError: statistics are needed but no calibration ids were given, or the
             activations became non-finite.
+        ConfigError: the rank map does not match the target modules.
         UnsupportedModelError: the model has no decoder blocks of nn.Linear layers.
     """
-    spec = method_spec(config.name)
     targets = select_targets(model, include, exclude)
-    prefix, blocks = find_decoder_blocks(model)
+    _check_inputs(model, config, targets, calibration, rank_map)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    by_block = _group_by_block(targets, prefix, len(blocks))
-    if config.needs_input_stats:
-        if calibration is None or calibration.numel() == 0:
-            raise CalibrationError(f"method {config.name!r} needs calibration token ids")
-        inputs = capture_block_inputs(model, blocks, calibration, batch_size)
-    with torch.no_grad():
-        for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
-            names = by_block.get(index, [])
-            stats: dict[str, linalg.SecondMoment] = {}
-            if config.needs_input_stats:
-                stats, outputs = accumulate_block_stats(blocks[index], names, targets, inputs)
-            for name in names:
-                result = _factorize_module(model, name, targets[name], config, spec, stats)
-                report.modules.append(result)
-            if config.needs_input_stats:
-                inputs = run_block(blocks[index], inputs) if config.sequential else outputs
-        for name in sorted(set(targets) - {m.name for m in report.modules}):
-            report.modules.append(_factorize_module(model, name, targets[name], config, spec, {}))
+    if config.allocation == "global" and rank_map is None:
+        _compress_globally(model, config, targets, calibration, batch_size, report)
+    else:
+        shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
+        ranks = rank_map if rank_map is not None else uniform_ranks(shapes, config.ratio)
+        _compress_block_by_block(model, config, targets, calibration, batch_size, ranks, report)
     report.seconds = time.perf_counter() - start
     model.config.quantization_config = report.quantization_config()
     return report
+
+
+def _check_inputs(model, config, targets, calibration, rank_map) -> None:
+    if config.needs_input_stats:
+        if calibration is None or calibration.numel() == 0:
+            raise CalibrationError(f"method {config.name!r} needs calibration token ids")
+        prefix, blocks = find_decoder_blocks(model)
+        outside = [n for n in targets if block_index(n, prefix) is None]
+        if outside:
+            raise ConfigError(f"{outside[0]} is outside the decoder blocks; {config.name} "
+                              "can only compress block layers")
+    if rank_map is not None and set(rank_map) != set(targets):
+        missing = sorted(set(targets) - set(rank_map))[:3]
+        extra = sorted(set(rank_map) - set(targets))[:3]
+        raise ConfigError(f"rank map does not match the target modules (missing {missing}, "
+                          f"unknown {extra})")
+
+
+def _compress_block_by_block(model, config, targets, calibration, batch_size, ranks,
+                             report: CompressionReport) -> None:
+    spec = method_spec(config.name)
+    with torch.no_grad():
+        for names, stats in _block_groups(model, config, targets, calibration, batch_size):
+            for name in names:
+                layer = targets[name]
+                decomposition = spec.decompose(config, layer.weight, stats.get(name))
+                report.modules.append(_apply_rank(model, name, layer, decomposition, ranks[name]))
+
+
+def _compress_globally(model, config, targets, calibration, batch_size,
+                       report: CompressionReport) -> None:
+    """Gradients, every module's decomposition and scores, one global selection, then the
+    optional correction stages (zero-sum style methods)."""
+    spec = method_spec(config.name)
+    grad_ids = calibration[: config.grad_samples]
+    grads, loss = calibration_gradients(model, targets, grad_ids, config.grad_batch_size)
+    logger.info("calibration loss of the original model: %.4f", loss)
+    decompositions, scores = {}, {}
+    with torch.no_grad():
+        for names, stats in _block_groups(model, config, targets, calibration, batch_size):
+            for name in names:
+                decompositions[name] = spec.decompose(config, targets[name].weight, stats[name])
+                scores[name] = linalg.component_scores(decompositions[name], grads.pop(name))
+    shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
+    selection = global_select(shapes, scores, config.ratio, config.rule, config.min_rank)
+    originals = {n: t.weight.detach().to(torch.float64, copy=True) for n, t in targets.items()
+                 if selection.ranks[n] is not None} if config.stages > 1 else {}
+    with torch.no_grad():
+        results = {name: _apply_rank(model, name, layer, decompositions[name],
+                                     selection.ranks[name]) for name, layer in targets.items()}
+    for stage in range(2, config.stages + 1):
+        results.update(_correction_stage(model, stage, originals, decompositions,
+                                         selection.ranks, grad_ids, config.grad_batch_size))
+    if config.stages > 1:
+        report.stage_losses.append(calibration_loss(model, grad_ids, config.grad_batch_size))
+        logger.info("calibration loss after stage %d: %.4f", config.stages,
+                    report.stage_losses[-1])
+    report.modules.extend(results.values())
+
+
+def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids,
+                      grad_batch_size) -> dict[str, ModuleResult]:
+    """One truncate–correct–re-truncate stage: W += (⟨g,ΔW⟩/⟨g,g⟩)·g with ΔW the gap to the
+    original weight and g the loss gradient at the truncated model, then the corrected W is
+    cut again at the same rank in the same whitened basis."""
+    dense = {}
+    for name in originals:
+        dense[name] = model.get_submodule(name).to_dense()
+        model.set_submodule(name, dense[name])
+    grads, loss = calibration_gradients(model, dense, grad_ids, grad_batch_size)
+    logger.info("calibration loss after stage %d: %.4f", stage - 1, loss)
+    results = {}
+    with torch.no_grad():
+        for name, layer in dense.items():
+            truncated = layer.weight.detach().to(torch.float64)
+            g = grads.pop(name).to(torch.float64)
+            step = (g * (originals[name] - truncated)).sum() / (g * g).sum().clamp_min(1e-300)
+            old = decompositions[name]
+            decomposition = linalg.decompose(truncated + step * g, old.input_whitening,
+                                             old.output_whitening)
+            results[name] = _apply_rank(model, name, layer, decomposition, ranks[name])
+    return results
+
+
+def _block_groups(model, config, targets, calibration, batch_size):
+    """Yields (module names, their input statistics) one decoder block at a time.
+
+    Without input statistics the groups come straight from the names. With them, the
+    block's inputs are captured once and propagated block by block; when
+    ``config.sequential`` the next block is fed the outputs of this block after the caller
+    has compressed it (the generator resumes only once the caller is done).
+    """
+    prefix, blocks = find_decoder_blocks(model)
+    by_block = _group_by_block(targets, prefix, len(blocks))
+    if not config.needs_input_stats:
+        for index in tqdm(sorted(by_block), desc=f"{config.name} blocks", unit="block"):
+            yield by_block[index], {}
+        outside = [n for n in targets if block_index(n, prefix) is None]
+        if outside:
+            yield outside, {}
+        return
+    inputs = capture_block_inputs(model, blocks, calibration, batch_size)
+    for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
+        names = by_block.get(index, [])
+        stats, outputs = accumulate_block_stats(blocks[index], names, targets, inputs)
+        yield names, stats
+        inputs = run_block(blocks[index], inputs) if config.sequential and names else outputs
 
 
 def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> dict[int, list]:
@@ -151,17 +252,11 @@ def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> d
     return grouped
 
 
-def _factorize_module(model: nn.Module, name: str, layer: nn.Linear, config: MethodConfig,
-                      spec, stats: dict[str, linalg.SecondMoment]) -> ModuleResult:
+def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
+                decomposition: linalg.Decomposition, rank: int | None) -> ModuleResult:
+    """Swaps ``layer`` for its rank-``rank`` factors (None: keeps it dense); logs one line."""
     t0 = time.perf_counter()
-    if spec.config_cls.needs_input_stats and name not in stats:
-        raise ConfigError(
-            f"{name} is outside the decoder blocks; {config.name} can only compress block layers"
-        )
     m, n = layer.weight.shape
-    decomposition = spec.decompose(config, layer.weight, stats.get(name))
-    rank: int | None = linalg.uniform_rank(m, n, config.ratio)
-    rank = rank if rank < linalg.break_even_rank(m, n) else None
     kept = decomposition.sigma.numel() if rank is None else rank
     loss = decomposition.truncation_loss(kept)
     total = float(decomposition.sigma.square().sum()) or 1.0
