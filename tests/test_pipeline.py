@@ -146,3 +146,33 @@ def test_to_dense_matches_low_rank_model(calib_ids):
     assert not any(isinstance(m, rankcut.LowRankLinear) for m in model.modules())
     assert not hasattr(model.config, "quantization_config")
     torch.testing.assert_close(_logits(model, calib_ids[:2]), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "opt"])
+def test_block_by_block_statistics_equal_a_full_forward(kind, calib_ids):
+    """Replaying captured block inputs gives the statistics a hooked full forward gives,
+    also for Gemma 3's mix of sliding and full attention layers."""
+    from rankcut.pipeline import _block_groups
+
+    model = tiny_model(kind)
+    if kind == "gemma3":
+        model.config.layer_types = ["sliding_attention", "full_attention"]
+        model = type(model)(model.config).eval()  # rebuild with the mixed layer types
+    targets = select_targets(model)
+    reference = {name: linalg.SecondMoment.zeros(layer.in_features)
+                 for name, layer in targets.items()}
+    handles = [layer.register_forward_hook(lambda m, a, o, s=reference[name]: s.update(a[0]))
+               for name, layer in targets.items()]
+    with torch.no_grad():
+        for batch in calib_ids.split(3):
+            model(input_ids=batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    config = rankcut.make_config("svd-llm")
+    seen = 0
+    for names, stats in _block_groups(model, config, targets, calib_ids, batch_size=3):
+        for name in names:
+            torch.testing.assert_close(stats[name].mean(), reference[name].mean(),
+                                       rtol=1e-5, atol=1e-7)
+            seen += 1
+    assert seen == len(targets)

@@ -236,11 +236,13 @@ def _block_groups(model, config, targets, calibration, batch_size):
             yield outside, {}
         return
     inputs = capture_block_inputs(model, blocks, calibration, batch_size)
+    sources = kwarg_sources(model, len(blocks))
     for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
         names = by_block.get(index, [])
-        stats, outputs = accumulate_block_stats(blocks[index], names, targets, inputs)
+        block, source = blocks[index], sources[index]
+        stats, outputs = accumulate_block_stats(block, names, targets, inputs, source)
         yield names, stats
-        inputs = run_block(blocks[index], inputs) if config.sequential and names else outputs
+        inputs = run_block(block, inputs, source) if config.sequential and names else outputs
 
 
 def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> dict[int, list]:
@@ -274,7 +276,22 @@ class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
 
-Batch = tuple[torch.Tensor, dict]
+Batch = tuple[torch.Tensor, dict[int, dict]]
+
+
+def kwarg_sources(model: nn.Module, count: int) -> list[int]:
+    """For each decoder block, the first block of the same attention type.
+
+    Models that mix attention types (Gemma 3's sliding and full layers, per
+    ``config.layer_types``) hand each type its own mask and position embeddings; a block
+    replays the keyword arguments captured at the first block of its type.
+    """
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    types = getattr(config, "layer_types", None)
+    if not types or len(types) != count:
+        return [0] * count
+    first: dict[str, int] = {}
+    return [first.setdefault(kind, i) for i, kind in enumerate(types)]
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
@@ -282,20 +299,30 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
     """Runs the model up to the first decoder block and records that block's inputs.
 
     Returns:
-        One (hidden_states, keyword arguments) pair per batch of ``batch_size`` samples.
-        The keyword arguments (attention mask, position embeddings, ...) are the ones the
-        model passed to its first block, replayed for every later block.
+        One (hidden_states, {source block: keyword arguments}) pair per batch of
+        ``batch_size`` samples. The keyword arguments (attention mask, position embeddings,
+        ...) are the ones the model passed to the first block of each attention type
+        (see ``kwarg_sources``); the forward pass stops once all of them are recorded.
     """
+    sources = sorted(set(kwarg_sources(model, len(blocks))))
     captured: list[Batch] = []
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden.detach(), kwargs))
-        raise _StopForward
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs.pop("hidden_states", None)
+            if index == 0:
+                captured.append((hidden.detach(), {}))
+            captured[-1][1][index] = kwargs
+            if index == sources[-1]:
+                raise _StopForward
+
+        return hook
 
     device = next(model.parameters()).device
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i in sources]
     try:
         with torch.no_grad():
             for batch in ids.split(batch_size):
@@ -304,22 +331,30 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[Batch]) -> list[Batch]:
-    """Runs one decoder block on every captured batch; returns the next block's inputs."""
+def run_block(block: nn.Module, inputs: list[Batch], source: int = 0) -> list[Batch]:
+    """Runs one decoder block on every captured batch; returns the next block's inputs.
+
+    Args:
+        block: the decoder block.
+        inputs: (hidden states, keyword arguments by source block) per batch.
+        source: which captured keyword arguments this block replays.
+    """
     outputs = []
     for hidden, kwargs in inputs:
-        out = block(hidden, **kwargs)
+        out = block(hidden, **kwargs[source])
         out = out[0] if isinstance(out, (tuple, list)) else out
         outputs.append((out, kwargs))
     return outputs
 
 
 def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str, nn.Linear],
-                           inputs: list[Batch]) -> tuple[dict[str, linalg.SecondMoment], list]:
+                           inputs: list[Batch], source: int = 0
+                           ) -> tuple[dict[str, linalg.SecondMoment], list]:
     """Runs a block with hooks that accumulate each target layer's input second moment.
 
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
@@ -353,7 +388,7 @@ def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str
     try:
         for batch in inputs:
             seen.clear()
-            outputs.extend(run_block(block, [batch]))
+            outputs.extend(run_block(block, [batch], source))
     finally:
         seen.clear()
         for handle in handles:
