@@ -200,3 +200,20 @@ def test_cli_rank_map_and_info(model_dir, calib_file, tmp_path, capsys):
     assert main(["compress", *common, "--rank-map", str(missing),
                  "--output", str(tmp_path / "x")]) == 2
     assert "rank map file not found" in capsys.readouterr().err
+
+
+def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids):
+    model = tiny_model()
+    layers = rankcut.models.select_targets(model)
+    grads, loss = calibration_gradients(model, layers, calib_ids, batch_size=3)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.is_activation_checkpointing
+    assert not any(m.training for m in model.modules())
+    # reference: one plain backward of the mean loss over all tokens
+    logits = model(input_ids=calib_ids).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), calib_ids[:, 1:].flatten())
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    for name, layer in layers.items():
+        torch.testing.assert_close(grads[name], layer.weight.grad, rtol=1e-4, atol=1e-7)
