@@ -7,7 +7,8 @@ tokens of the wiki test part. Each run is a separate process, so its peak RSS is
     .venv/bin/python benchmarks/quality.py                       # svd, svd-llm × 0.2/0.4/0.6
     .venv/bin/python benchmarks/quality.py --methods svd-llm svd-llm:sequential --ratios 0.4
 
-A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequential``).
+A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequential``);
+``name:key=value`` sets any other (e.g. ``zero-sum:stages=3:rule=least-sensitive``).
 Prints a table and writes JSON (default ``bench-out/quality.json``).
 """
 
@@ -38,6 +39,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    """``"flag"`` → (flag, True); ``"key=3"`` → (key, 3); ``"key=word"`` → (key, "word")."""
+    key, _, value = text.partition("=")
+    if not value:
+        return key, True
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -> dict:
     """Compresses (unless ``method`` is None: the dense baseline) and evaluates one model."""
     import torch
@@ -51,7 +65,7 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0}
     if method is not None:
         name, *flags = method.split(":")
-        config = rankcut.make_config(name, ratio=ratio, **{flag: True for flag in flags})
+        config = rankcut.make_config(name, ratio=ratio, **dict(map(parse_setting, flags)))
         calib = None
         if config.needs_input_stats:
             text = data.load_text(args.calib_file or "wiki", "calib")
@@ -80,12 +94,14 @@ def spawn(argv: list[str], method: str, ratio: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'method':<22}{'target':>8}{'achieved':>10}{'perplexity':>12}"
-          f"{'compress s':>12}{'peak RSS MiB':>14}")
+    print(f"\n{'method':<26}{'target':>8}{'achieved':>10}{'perplexity':>12}"
+          f"{'compress s':>12}{'peak RSS MiB':>14}", flush=True)
     for r in rows:
-        print(f"{r['method']:<22}{r['target_ratio']:>8.2f}{r.get('achieved_ratio', 0.0):>10.4f}"
-              f"{r['perplexity']:>12.2f}{r.get('compress_seconds', 0.0):>12.1f}"
-              f"{r['peak_rss_mb']:>14.0f}")
+        ppl = r["perplexity"]
+        ppl_text = f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
+        print(f"{r['method']:<26}{r['target_ratio']:>8.2f}{r.get('achieved_ratio', 0.0):>10.4f}"
+              f"{ppl_text:>12}{r.get('compress_seconds', 0.0):>12.1f}"
+              f"{r['peak_rss_mb']:>14.0f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
