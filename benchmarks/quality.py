@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense model")
     p.add_argument("--output", default="bench-out/quality.json")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run_one(args, None if method == "dense" else method, float(ratio))
         print(json.dumps(row))
         return
-    rows = [spawn(argv, "dense", 0.0)]
+    rows = [] if args.skip_dense else [spawn(argv, "dense", 0.0)]
     for method in args.methods:
         for ratio in args.ratios:
             rows.append(spawn(argv, method, ratio))
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "output")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("worker", "output", "skip_dense")}
     out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
