@@ -217,3 +217,21 @@ def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids):
     assert loss == pytest.approx(ref.item(), rel=1e-5)
     for name, layer in layers.items():
         torch.testing.assert_close(grads[name], layer.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_pass_statistics_equal_block_by_block_statistics(calib_ids):
+    """The gradient pass also gathers input statistics; checkpoint recomputation in the
+    backward pass must not count twice."""
+    from rankcut.hooks import InputMomentHooks
+    from rankcut.pipeline import _block_groups
+
+    model = tiny_model()
+    layers = rankcut.models.select_targets(model)
+    with InputMomentHooks(layers) as hooks:
+        calibration_gradients(model, layers, calib_ids, batch_size=3, input_hooks=hooks)
+    config = rankcut.make_config("svd-llm")
+    for names, stats in _block_groups(model, config, layers, calib_ids, batch_size=3):
+        for name in names:
+            assert hooks.stats[name].count == stats[name].count == calib_ids.numel()
+            torch.testing.assert_close(hooks.stats[name].mean(), stats[name].mean(),
+                                       rtol=1e-5, atol=1e-7)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
+from .hooks import InputMomentHooks
 from .models import find_decoder_blocks
 
 logger = logging.getLogger(__name__)
@@ -70,17 +71,20 @@ def _batch_loss_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def calibration_gradients(
     model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int = 4,
+    input_hooks: InputMomentHooks | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Returns G = ∂L/∂W for each layer's weight (float32, CPU) and the loss L itself.
 
     Side effects: none that outlive the call (requires_grad flags, gradient buffers and
-    checkpointing are restored).
+    checkpointing are restored), except that active ``input_hooks`` accumulate the layers'
+    input statistics of the forward passes (not of checkpoint recomputation).
 
     Args:
         model: a causal LM in eval mode.
         layers: {name: nn.Linear} whose weight gradients are wanted.
         ids: [num_samples, seqlen] calibration token ids.
         batch_size: samples per forward/backward pass.
+        input_hooks: entered ``InputMomentHooks`` to feed during the forward passes.
     """
     device = next(model.parameters()).device
     sums = {name: torch.zeros(layer.weight.shape, dtype=torch.float32)
@@ -89,7 +93,12 @@ def calibration_gradients(
     with _only_targets_require_grad(model, layers), _block_checkpointing(model):
         for batch in tqdm(ids.split(batch_size), desc="gradients", unit="batch"):
             batch = batch.to(device)
+            if input_hooks is not None:
+                input_hooks.new_batch()
+                input_hooks.active = True
             loss = _batch_loss_sum(model, batch)
+            if input_hooks is not None:
+                input_hooks.active = False
             loss.backward()
             for name, layer in layers.items():
                 sums[name] += layer.weight.grad.float().cpu()

@@ -20,6 +20,7 @@ from . import linalg
 from .allocation import global_select, uniform_ranks
 from .errors import CalibrationError, ConfigError
 from .gradients import calibration_gradients, calibration_loss
+from .hooks import InputMomentHooks
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
@@ -169,12 +170,17 @@ def _compress_globally(model, config, targets, calibration, batch_size,
     optional correction stages (zero-sum style methods)."""
     spec = method_spec(config.name)
     grad_ids = calibration[: config.grad_samples]
-    grads, loss = calibration_gradients(model, targets, grad_ids, config.grad_batch_size)
+    shared = grad_ids.shape[0] == calibration.shape[0]  # one pass gives gradients and stats
+    with InputMomentHooks(targets if shared else {}) as hooks:
+        grads, loss = calibration_gradients(model, targets, grad_ids, config.grad_batch_size,
+                                            input_hooks=hooks if shared else None)
     logger.info("calibration loss of the original model: %.4f", loss)
     decompositions, scores = {}, {}
+    groups = ([(list(targets), hooks.stats)] if shared else
+              _block_groups(model, config, targets, calibration, batch_size))
     with torch.no_grad():
-        for names, stats in _block_groups(model, config, targets, calibration, batch_size):
-            for name in names:
+        for names, stats in groups:
+            for name in tqdm(names, desc="decompose", unit="module", disable=not shared):
                 decompositions[name] = spec.decompose(config, targets[name].weight, stats[name])
                 scores[name] = linalg.component_scores(decompositions[name], grads.pop(name))
     shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
@@ -357,43 +363,18 @@ def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str
                            ) -> tuple[dict[str, linalg.SecondMoment], list]:
     """Runs a block with hooks that accumulate each target layer's input second moment.
 
-    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
-    distinct input is accumulated once.
-
     Returns:
         ({module name: statistics}, the block's outputs on every batch).
 
     Raises:
         CalibrationError: a target layer received NaN or infinite activations.
     """
-    stats = {name: linalg.SecondMoment.zeros(targets[name].in_features) for name in names}
-    seen: dict[int, tuple[torch.Tensor, str]] = {}
-
-    def make_hook(name: str):
-        def hook(module, args, output):
-            x = args[0]
-            first = seen.get(id(x))
-            if first is not None and first[0] is x:
-                stats[name] = stats[first[1]]
-                return
-            if not torch.isfinite(x).all():
-                raise CalibrationError(f"non-finite (NaN/inf) activations at the input of {name}")
-            seen[id(x)] = (x, name)
-            stats[name].update(x)
-
-        return hook
-
-    handles = [targets[name].register_forward_hook(make_hook(name)) for name in names]
     outputs = []
-    try:
+    with InputMomentHooks({name: targets[name] for name in names}) as hooks:
         for batch in inputs:
-            seen.clear()
+            hooks.new_batch()
             outputs.extend(run_block(block, [batch], source))
-    finally:
-        seen.clear()
-        for handle in handles:
-            handle.remove()
-    return stats, outputs
+    return hooks.stats, outputs
 
 
 def to_dense(model: nn.Module) -> nn.Module:
