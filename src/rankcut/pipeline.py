@@ -50,7 +50,7 @@ class CompressionReport:
     settings: dict
     modules: list[ModuleResult] = field(default_factory=list)
     seconds: float = 0.0
-    stage_losses: list[float] = field(default_factory=list)
+    stage_losses: list[float] = field(default_factory=list)  # calibration loss after stage k
 
     @property
     def dense_params(self) -> int:
@@ -191,8 +191,10 @@ def _compress_globally(model, config, targets, calibration, batch_size,
         results = {name: _apply_rank(model, name, layer, decompositions[name],
                                      selection.ranks[name]) for name, layer in targets.items()}
     for stage in range(2, config.stages + 1):
-        results.update(_correction_stage(model, stage, originals, decompositions,
-                                         selection.ranks, grad_ids, config.grad_batch_size))
+        corrected, loss = _correction_stage(model, stage, originals, decompositions,
+                                            selection.ranks, grad_ids, config.grad_batch_size)
+        results.update(corrected)
+        report.stage_losses.append(loss)
     if config.stages > 1:
         report.stage_losses.append(calibration_loss(model, grad_ids, config.grad_batch_size))
         logger.info("calibration loss after stage %d: %.4f", config.stages,
@@ -201,10 +203,14 @@ def _compress_globally(model, config, targets, calibration, batch_size,
 
 
 def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids,
-                      grad_batch_size) -> dict[str, ModuleResult]:
+                      grad_batch_size) -> tuple[dict[str, ModuleResult], float]:
     """One truncate–correct–re-truncate stage: W += (⟨g,ΔW⟩/⟨g,g⟩)·g with ΔW the gap to the
     original weight and g the loss gradient at the truncated model, then the corrected W is
-    cut again at the same rank in the same whitened basis."""
+    cut again at the same rank in the same whitened basis.
+
+    Returns:
+        (the re-truncated modules' results, the calibration loss before this stage).
+    """
     dense = {}
     for name in originals:
         dense[name] = model.get_submodule(name).to_dense()
@@ -221,7 +227,7 @@ def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids,
             decomposition = linalg.decompose(truncated + step * g, old.input_whitening,
                                              old.output_whitening)
             results[name] = _apply_rank(model, name, layer, decomposition, ranks[name])
-    return results
+    return results, loss
 
 
 def _block_groups(model, config, targets, calibration, batch_size):
