@@ -73,12 +73,25 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
             calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
                                            args.seed)
         report = rankcut.compress(model, config, calib)
-        row.update(achieved_ratio=report.achieved_ratio, compress_seconds=report.seconds)
+        row.update(achieved_ratio=report.achieved_ratio, compress_seconds=report.seconds,
+                   kept_by_type=kept_by_type(report), stage_losses=report.stage_losses)
     test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
     result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
     row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,
                peak_rss_mb=peak_rss_mb())
     return row
+
+
+def kept_by_type(report) -> dict[str, float]:
+    """Fraction of each module type's parameters kept (the allocation picture)."""
+    dense: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for m in report.modules:
+        kind = m.name.rsplit(".", 1)[-1]
+        rows, cols = m.shape
+        dense[kind] = dense.get(kind, 0) + rows * cols
+        kept[kind] = kept.get(kind, 0) + (rows * cols if m.rank is None else m.rank * (rows + cols))
+    return {kind: round(kept[kind] / dense[kind], 4) for kind in dense}
 
 
 def spawn(argv: list[str], method: str, ratio: float) -> dict:
