@@ -137,3 +137,12 @@ def test_interrupted_first_save_leaves_nothing_that_looks_complete(compressed, t
     with pytest.raises(KeyboardInterrupt):
         rankcut.save_pretrained(compressed, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma3", "opt"])
+def test_round_trip_on_other_architectures(kind, calib_ids, tmp_path):
+    model = tiny_model(kind)
+    rankcut.compress(model, rankcut.make_config("svd-llm", ratio=0.3), calib_ids)
+    loaded = AutoModelForCausalLM.from_pretrained(rankcut.save_pretrained(model, tmp_path / kind))
+    assert sum(isinstance(m, rankcut.LowRankLinear) for m in loaded.modules()) > 0
+    assert torch.equal(_logits(loaded, calib_ids[:2]), _logits(model, calib_ids[:2]))
