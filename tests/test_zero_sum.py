@@ -202,10 +202,12 @@ def test_cli_rank_map_and_info(model_dir, calib_file, tmp_path, capsys):
     assert "rank map file not found" in capsys.readouterr().err
 
 
-def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids, checkpointing):
     model = tiny_model()
     layers = rankcut.models.select_targets(model)
-    grads, loss = calibration_gradients(model, layers, calib_ids, batch_size=3)
+    grads, loss = calibration_gradients(model, layers, calib_ids, batch_size=3,
+                                        checkpointing=checkpointing)
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert not model.is_activation_checkpointing
@@ -228,10 +230,19 @@ def test_gradient_pass_statistics_equal_block_by_block_statistics(calib_ids):
     model = tiny_model()
     layers = rankcut.models.select_targets(model)
     with InputMomentHooks(layers) as hooks:
-        calibration_gradients(model, layers, calib_ids, batch_size=3, input_hooks=hooks)
+        calibration_gradients(model, layers, calib_ids, batch_size=3, input_hooks=hooks,
+                              checkpointing=True)
     config = rankcut.make_config("svd-llm")
     for names, stats in _block_groups(model, config, layers, calib_ids, batch_size=3):
         for name in names:
             assert hooks.stats[name].count == stats[name].count == calib_ids.numel()
             torch.testing.assert_close(hooks.stats[name].mean(), stats[name].mean(),
                                        rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_turns_on_only_when_activations_are_large():
+    from rankcut.gradients import checkpointing_needed
+
+    model = tiny_model()
+    assert not checkpointing_needed(model, batch_tokens=4 * 512)
+    assert checkpointing_needed(model, batch_tokens=4 * 512, budget=1e-9)

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-rank", type=int, default=None, help="rank floor per matrix (zero-sum)")
     c.add_argument("--grad-samples", type=int, default=None,
                    help="calibration samples used for gradients (zero-sum; default all)")
+    c.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute blocks in the gradient backward pass (zero-sum; default "
+                        "auto: on when stored activations would exceed 1/4 of memory)")
     c.add_argument("--rank-map", default=None, metavar="FILE",
                    help="reuse a rank map (rank_map.json of an earlier run) instead of allocating")
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
@@ -104,7 +107,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
-        stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples)
+        stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples,
+        checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing])
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     start = time.perf_counter()
     model, tokenizer = models.load_model(args.model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,32 @@ def _only_targets_require_grad(model: nn.Module, layers: dict[str, nn.Linear]):
             p.grad = None
 
 
+def checkpointing_needed(model: nn.Module, batch_tokens: int, budget: float = 0.25) -> bool:
+    """Whether a backward pass should recompute blocks instead of storing their activations.
+
+    Estimates the activations a plain backward stores (per block and token: about six
+    hidden-size and four intermediate-size float32 vectors) and says yes when they exceed
+    ``budget`` of the device's memory (total RAM on the CPU).
+    """
+    config = model.config.get_text_config()
+    hidden = getattr(config, "hidden_size", 0)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * hidden)
+    _, blocks = find_decoder_blocks(model)
+    stored = len(blocks) * batch_tokens * (6 * hidden + 4 * inner) * 4
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return stored > budget * memory
+
+
 @contextlib.contextmanager
-def _block_checkpointing(model: nn.Module):
+def _block_checkpointing(model: nn.Module, enabled: bool):
     """Recomputes each decoder block in the backward pass (transformers' gradient
-    checkpointing), without putting dropout or any other sub-module in training mode."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
+    checkpointing) when ``enabled``, without putting dropout or any other sub-module in
+    training mode."""
+    if not enabled or not getattr(model, "supports_gradient_checkpointing", False):
         yield
         return
     _, blocks = find_decoder_blocks(model)
@@ -71,7 +93,7 @@ def _batch_loss_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def calibration_gradients(
     model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int = 4,
-    input_hooks: InputMomentHooks | None = None,
+    input_hooks: InputMomentHooks | None = None, checkpointing: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Returns G = ∂L/∂W for each layer's weight (float32, CPU) and the loss L itself.
 
@@ -85,12 +107,18 @@ def calibration_gradients(
         ids: [num_samples, seqlen] calibration token ids.
         batch_size: samples per forward/backward pass.
         input_hooks: entered ``InputMomentHooks`` to feed during the forward passes.
+        checkpointing: recompute blocks in the backward pass; None decides by
+            ``checkpointing_needed``.
     """
     device = next(model.parameters()).device
     sums = {name: torch.zeros(layer.weight.shape, dtype=torch.float32)
             for name, layer in layers.items()}
     total, count = 0.0, 0
-    with _only_targets_require_grad(model, layers), _block_checkpointing(model):
+    if checkpointing is None:
+        checkpointing = checkpointing_needed(model, batch_size * ids.shape[1])
+    logger.info("gradients: %d samples, activation checkpointing %s", ids.shape[0],
+                "on" if checkpointing else "off")
+    with _only_targets_require_grad(model, layers), _block_checkpointing(model, checkpointing):
         for batch in tqdm(ids.split(batch_size), desc="gradients", unit="batch"):
             batch = batch.to(device)
             if input_hooks is not None:

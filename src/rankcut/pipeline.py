@@ -173,7 +173,8 @@ def _compress_globally(model, config, targets, calibration, batch_size,
     shared = grad_ids.shape[0] == calibration.shape[0]  # one pass gives gradients and stats
     with InputMomentHooks(targets if shared else {}) as hooks:
         grads, loss = calibration_gradients(model, targets, grad_ids, config.grad_batch_size,
-                                            input_hooks=hooks if shared else None)
+                                            input_hooks=hooks if shared else None,
+                                            checkpointing=config.checkpointing)
     logger.info("calibration loss of the original model: %.4f", loss)
     decompositions, scores = {}, {}
     groups = ([(list(targets), hooks.stats)] if shared else
@@ -192,7 +193,7 @@ def _compress_globally(model, config, targets, calibration, batch_size,
                                      selection.ranks[name]) for name, layer in targets.items()}
     for stage in range(2, config.stages + 1):
         corrected, loss = _correction_stage(model, stage, originals, decompositions,
-                                            selection.ranks, grad_ids, config.grad_batch_size)
+                                            selection.ranks, grad_ids, config)
         results.update(corrected)
         report.stage_losses.append(loss)
     if config.stages > 1:
@@ -203,7 +204,7 @@ def _compress_globally(model, config, targets, calibration, batch_size,
 
 
 def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids,
-                      grad_batch_size) -> tuple[dict[str, ModuleResult], float]:
+                      config) -> tuple[dict[str, ModuleResult], float]:
     """One truncate–correct–re-truncate stage: W += (⟨g,ΔW⟩/⟨g,g⟩)·g with ΔW the gap to the
     original weight and g the loss gradient at the truncated model, then the corrected W is
     cut again at the same rank in the same whitened basis.
@@ -215,7 +216,8 @@ def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids,
     for name in originals:
         dense[name] = model.get_submodule(name).to_dense()
         model.set_submodule(name, dense[name])
-    grads, loss = calibration_gradients(model, dense, grad_ids, grad_batch_size)
+    grads, loss = calibration_gradients(model, dense, grad_ids, config.grad_batch_size,
+                                        checkpointing=config.checkpointing)
     logger.info("calibration loss after stage %d: %.4f", stage - 1, loss)
     results = {}
     with torch.no_grad():
