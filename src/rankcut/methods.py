@@ -124,7 +124,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 #: The method ``rankcut compress`` uses when none is named.
-DEFAULT_METHOD = SVDLLMConfig.name
+DEFAULT_METHOD = ZeroSumConfig.name
 
 
 def method_spec(name: str) -> MethodSpec:
