@@ -2,7 +2,8 @@
 #   make run    set up, then compress the bundled SmolLM2 and print its quality
 #   make test   set up, then run the test suite
 # `make setup` is idempotent: it creates .venv/, installs torch (CPU build when no NVIDIA
-# GPU is present), rankcut with its dev extras, and fetches the offline assets.
+# GPU is present: a CPU wheel pip already has locally, else the PyTorch CPU index), rankcut
+# with its dev extras, and fetches the offline assets.
 
 PYTHON ?= python3
 VENV := .venv
@@ -20,6 +21,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "$(TORCH_SPEC)"; \
+	  elif $(PY) -m pip install --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null; then \
+	    echo "torch: installed a local CPU wheel (pip find-links)"; \
 	  else $(PY) -m pip install --index-url $(TORCH_CPU_INDEX) "$(TORCH_SPEC)"; fi; \
 	fi
 	$(PY) -m pip install -e ".[dev]"
