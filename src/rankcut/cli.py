@@ -215,7 +215,8 @@ def _print_rank_groups(title: str, groups: dict[str, dict]) -> None:
     print(f"\n{title}")
     print(f"{'group':<12}{'modules':>8}{'dense':>7}{'min rank':>10}{'mean rank':>11}"
           f"{'max rank':>10}")
-    for label, ranks in groups.items():
+    for label in sorted(groups, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else g)):
+        ranks = groups[label]
         low = [r for r in ranks.values() if r]
         mean = f"{sum(low) / len(low):.1f}" if low else "-"
         print(f"{label:<12}{len(ranks):>8}{len(ranks) - len(low):>7}{min(low, default='-'):>10}"
