@@ -30,33 +30,26 @@ class SecondMoment:
 
     Attributes:
         xx: Σ x xᵀ over all tokens seen, n×n float64.
-        abs_sum: Σ |x| over all tokens seen, n float64 (used by ASVD-style scaling).
         count: number of tokens seen.
     """
 
     xx: torch.Tensor
-    abs_sum: torch.Tensor
     count: int = 0
 
     @classmethod
     def zeros(cls, n: int, device: torch.device | str = "cpu") -> SecondMoment:
         """Returns empty statistics for inputs of dimension ``n``."""
-        return cls(
-            xx=torch.zeros(n, n, dtype=torch.float64, device=device),
-            abs_sum=torch.zeros(n, dtype=torch.float64, device=device),
-        )
+        return cls(xx=torch.zeros(n, n, dtype=torch.float64, device=device))
 
     def update(self, x: torch.Tensor) -> None:
         """Adds a batch of inputs ``x`` (any leading shape, last dim n). Mutates self."""
         flat = x.reshape(-1, x.shape[-1]).to(self.xx.device, torch.float64)
         self.xx.addmm_(flat.T, flat)
-        self.abs_sum.add_(flat.abs().sum(0))
         self.count += flat.shape[0]
 
     def merge(self, other: SecondMoment) -> None:
         """Adds another accumulator's sums and counts into this one. Mutates self."""
         self.xx.add_(other.xx.to(self.xx.device))
-        self.abs_sum.add_(other.abs_sum.to(self.abs_sum.device))
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
@@ -75,33 +68,32 @@ class Whitening:
             ``kind == "eigen"``.
         kind: ``"cholesky"`` or ``"eigen"``.
         damping: the relative damping λ added as λ·mean(diag R)·I (0 when none was needed).
+        inverse: S⁻¹, kept for ``kind == "eigen"`` (computed once from the eigenvalues);
+            None for Cholesky, whose inverse is applied by triangular solves.
     """
 
     root: torch.Tensor
     kind: str
     damping: float
+    inverse: torch.Tensor | None = None
 
     def right_inverse(self, a: torch.Tensor) -> torch.Tensor:
         """Returns ``a S⁻¹`` (a has n columns), by a triangular solve or the eigen-root."""
         if self.kind == "cholesky":
             return torch.linalg.solve_triangular(self.root, a, upper=False, left=False)
-        return a @ self._eigen_inverse()
+        return a @ self.inverse
 
     def left_inverse(self, a: torch.Tensor) -> torch.Tensor:
         """Returns ``S⁻¹ a`` (a has n rows)."""
         if self.kind == "cholesky":
             return torch.linalg.solve_triangular(self.root, a, upper=False, left=True)
-        return self._eigen_inverse() @ a
+        return self.inverse @ a
 
     def left_inverse_transpose(self, a: torch.Tensor) -> torch.Tensor:
         """Returns ``S⁻ᵀ a`` (a has n rows)."""
         if self.kind == "cholesky":
             return torch.linalg.solve_triangular(self.root.T, a, upper=True, left=True)
-        return self._eigen_inverse() @ a
-
-    def _eigen_inverse(self) -> torch.Tensor:
-        vals, vecs = torch.linalg.eigh(self.root)
-        return (vecs / vals.clamp_min(torch.finfo(vals.dtype).tiny)) @ vecs.T
+        return self.inverse @ a  # the eigen-root is symmetric: S⁻ᵀ = S⁻¹
 
 
 def cholesky_whitening(
@@ -151,7 +143,9 @@ def eigen_whitening(r: torch.Tensor, floor: float = 1e-8) -> Whitening:
     clamped = vals.clamp_min(floor * top)
     damping = float((clamped - vals).max() / _diag_scale(r))
     root = (vecs * clamped.sqrt()) @ vecs.T
-    return Whitening(root=(root + root.T) / 2, kind="eigen", damping=damping)
+    inverse = (vecs / clamped.sqrt()) @ vecs.T
+    return Whitening(root=(root + root.T) / 2, kind="eigen", damping=damping,
+                     inverse=(inverse + inverse.T) / 2)
 
 
 def _checked_symmetric(r: torch.Tensor) -> torch.Tensor:
