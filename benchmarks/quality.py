@@ -84,10 +84,12 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
 
 def kept_by_type(report) -> dict[str, float]:
     """Fraction of each module type's parameters kept (the allocation picture)."""
+    from rankcut.models import module_type
+
     dense: dict[str, int] = {}
     kept: dict[str, int] = {}
     for m in report.modules:
-        kind = m.name.rsplit(".", 1)[-1]
+        kind = module_type(m.name)
         rows, cols = m.shape
         dense[kind] = dense.get(kind, 0) + rows * cols
         kept[kind] = kept.get(kind, 0) + (rows * cols if m.rank is None else m.rank * (rows + cols))

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import RankcutError
+from .models import module_type
 
 logger = logging.getLogger("rankcut")
 
@@ -199,7 +200,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     by_type: dict[str, dict] = defaultdict(dict)
     by_block: dict[str, dict] = defaultdict(dict)
     for name, rank in ranks.items():
-        by_type[name.rsplit(".", 1)[-1]][name] = rank
+        by_type[module_type(name)][name] = rank
         by_block[_block_label(name)][name] = rank
     _print_rank_groups("per module type", by_type)
     _print_rank_groups("per block", by_block)
@@ -257,7 +258,7 @@ def _param_bytes(model) -> int:
 def _print_module_summary(report) -> None:
     by_type: dict[str, list] = defaultdict(list)
     for m in report.modules:
-        by_type[m.name.rsplit(".", 1)[-1]].append(m)
+        by_type[module_type(m.name)].append(m)
     print(f"\n{'module type':<14}{'count':>6}{'dense':>7}{'mean rank':>11}{'mean rel loss':>15}")
     for kind, mods in by_type.items():
         ranks = [m.rank for m in mods if m.rank]

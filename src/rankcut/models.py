@@ -155,3 +155,8 @@ def block_index(name: str, prefix: str) -> int | None:
         return None
     head = name[len(prefix) + 1:].split(".", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+def module_type(name: str) -> str:
+    """Returns the last part of a qualified module name (``q_proj``, ``down_proj``, ...)."""
+    return name.rsplit(".", 1)[-1]
