@@ -191,45 +191,89 @@ def _compress_globally(model, config, targets, calibration, batch_size,
     with torch.no_grad():
         results = {name: _apply_rank(model, name, layer, decompositions[name],
                                      selection.ranks[name]) for name, layer in targets.items()}
-    for stage in range(2, config.stages + 1):
-        corrected, loss = _correction_stage(model, stage, originals, decompositions,
-                                            selection.ranks, grad_ids, config)
-        results.update(corrected)
-        report.stage_losses.append(loss)
-    if config.stages > 1:
-        report.stage_losses.append(calibration_loss(model, grad_ids, config.grad_batch_size))
-        logger.info("calibration loss after stage %d: %.4f", config.stages,
-                    report.stage_losses[-1])
+    report.stage_losses.extend(_run_correction_stages(model, originals, decompositions,
+                                                      selection.ranks, grad_ids, config, results))
     report.modules.extend(results.values())
 
 
-def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids,
-                      config) -> tuple[dict[str, ModuleResult], float]:
-    """One truncate–correct–re-truncate stage: W += (⟨g,ΔW⟩/⟨g,g⟩)·g with ΔW the gap to the
-    original weight and g the loss gradient at the truncated model, then the corrected W is
-    cut again at the same rank in the same whitened basis.
+def _run_correction_stages(model, originals, decompositions, ranks, grad_ids, config,
+                           results: dict[str, ModuleResult]) -> list[float]:
+    """Runs stages 2..N; stops early when a stage finds no step that lowers the loss.
+
+    Side effects: replaces the factorized modules and their entries in ``results``.
 
     Returns:
-        (the re-truncated modules' results, the calibration loss before this stage).
+        The calibration loss after each stage that was run (empty when ``stages`` is 1).
     """
-    dense = {}
-    for name in originals:
-        dense[name] = model.get_submodule(name).to_dense()
-        model.set_submodule(name, dense[name])
-    grads, loss = calibration_gradients(model, dense, grad_ids, config.grad_batch_size,
-                                        checkpointing=config.checkpointing)
-    logger.info("calibration loss after stage %d: %.4f", stage - 1, loss)
+    losses: list[float] = []
+    for stage in range(2, config.stages + 1):
+        corrected, before, after = _correction_stage(model, stage, originals, decompositions,
+                                                     ranks, grad_ids, config)
+        if not losses:
+            losses.append(before)
+            logger.info("calibration loss after stage 1: %.4f", before)
+        if corrected is None:
+            logger.info("stage %d: no step scale lowers the calibration loss; keeping the "
+                        "stage %d model and skipping the remaining stages", stage, stage - 1)
+            break
+        results.update(corrected)
+        losses.append(after)
+        logger.info("calibration loss after stage %d: %.4f", stage, after)
+    return losses
+
+
+#: Global scales tried, in order, on the projected-gradient step of a correction stage.
+STEP_SCALES = (1.0, 0.5, 0.25)
+
+
+def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids, config):
+    """One truncate–correct–re-truncate stage with a backtracking safeguard.
+
+    The step is W += α·(⟨g,ΔW⟩/⟨g,g⟩)·g per module, with ΔW the gap to the original weight
+    and g the loss gradient at the truncated model; the corrected W is cut again at the
+    same rank in the same whitened basis. α runs through ``STEP_SCALES`` and the first
+    scale whose re-truncated model has a lower calibration loss is kept; when none does,
+    the truncated modules are put back unchanged.
+
+    Returns:
+        (the re-truncated modules' results or None when the stage was rejected,
+        the calibration loss before the stage, the loss after it).
+    """
+    factored = {name: model.get_submodule(name) for name in originals}
+    dense = {name: module.to_dense() for name, module in factored.items()}
+    for name, layer in dense.items():
+        model.set_submodule(name, layer)
+    grads, before = calibration_gradients(model, dense, grad_ids, config.grad_batch_size,
+                                          checkpointing=config.checkpointing)
+    with torch.no_grad():
+        for name, layer in dense.items():  # grads[name] becomes the unscaled step
+            gap = originals[name] - layer.weight.detach().to(torch.float64)
+            g = grads[name].to(torch.float64)
+            grads[name] = (g * ((g * gap).sum() / (g * g).sum().clamp_min(1e-300))).float()
+    for scale in STEP_SCALES:
+        results = _retruncate(model, dense, grads, scale, decompositions, ranks)
+        after = calibration_loss(model, grad_ids, config.grad_batch_size)
+        logger.info("stage %d, step scale %.2f: calibration loss %.4f -> %.4f", stage, scale,
+                    before, after)
+        if after < before:
+            return results, before, after
+    for name, module in factored.items():
+        model.set_submodule(name, module)
+    return None, before, before
+
+
+def _retruncate(model, dense, steps, scale, decompositions, ranks) -> dict[str, ModuleResult]:
+    """Replaces each module of ``dense`` by the rank-r cut of W + scale·step (same S)."""
     results = {}
     with torch.no_grad():
         for name, layer in dense.items():
-            truncated = layer.weight.detach().to(torch.float64)
-            g = grads.pop(name).to(torch.float64)
-            step = (g * (originals[name] - truncated)).sum() / (g * g).sum().clamp_min(1e-300)
             old = decompositions[name]
-            decomposition = linalg.decompose(truncated + step * g, old.input_whitening,
+            corrected = layer.weight.detach().to(torch.float64) + scale * steps[name].double()
+            decomposition = linalg.decompose(corrected, old.input_whitening,
                                              old.output_whitening)
-            results[name] = _apply_rank(model, name, layer, decomposition, ranks[name])
-    return results, loss
+            results[name] = _apply_rank(model, name, layer, decomposition, ranks[name],
+                                        log=False)
+    return results
 
 
 def _block_groups(model, config, targets, calibration, batch_size):
@@ -269,8 +313,10 @@ def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> d
 
 
 def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
-                decomposition: linalg.Decomposition, rank: int | None) -> ModuleResult:
-    """Swaps ``layer`` for its rank-``rank`` factors (None: keeps it dense); logs one line."""
+                decomposition: linalg.Decomposition, rank: int | None,
+                log: bool = True) -> ModuleResult:
+    """Swaps ``layer`` for its rank-``rank`` factors (None: keeps it dense); logs one line
+    unless ``log`` is False."""
     t0 = time.perf_counter()
     m, n = layer.weight.shape
     kept = decomposition.sigma.numel() if rank is None else rank
@@ -281,8 +327,10 @@ def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
         new = LowRankLinear.from_factors(w_u, w_v, layer.bias, dtype=layer.weight.dtype)
         model.set_submodule(name, new.to(layer.weight.device))
     result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - t0)
-    logger.info("%s [%dx%d] rank=%s loss=%.4g rel=%.4f %.2fs", name, m, n,
-                "dense" if rank is None else rank, loss, result.relative_loss, result.seconds)
+    if log:
+        logger.info("%s [%dx%d] rank=%s loss=%.4g rel=%.4f %.2fs", name, m, n,
+                    "dense" if rank is None else rank, loss, result.relative_loss,
+                    result.seconds)
     return result
 
 
