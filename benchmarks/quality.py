@@ -73,7 +73,8 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
             calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
                                            args.seed)
         report = rankcut.compress(model, config, calib)
-        row.update(achieved_ratio=report.achieved_ratio, compress_seconds=report.seconds,
+        row.update(achieved_ratio=report.achieved_ratio,
+                   achieved_byte_ratio=report.achieved_byte_ratio, compress_seconds=report.seconds,
                    kept_by_type=kept_by_type(report), stage_losses=report.stage_losses)
     test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
     result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
@@ -110,12 +111,13 @@ def spawn(argv: list[str], method: str, ratio: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'method':<26}{'target':>8}{'achieved':>10}{'perplexity':>12}"
+    print(f"\n{'method':<34}{'target':>8}{'achieved':>10}{'bytes':>8}{'perplexity':>12}"
           f"{'compress s':>12}{'peak RSS MiB':>14}", flush=True)
     for r in rows:
         ppl = r["perplexity"]
         ppl_text = f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
-        print(f"{r['method']:<26}{r['target_ratio']:>8.2f}{r.get('achieved_ratio', 0.0):>10.4f}"
+        print(f"{r['method']:<34}{r['target_ratio']:>8.2f}{r.get('achieved_ratio', 0.0):>10.4f}"
+              f"{r.get('achieved_byte_ratio', 0.0):>8.4f}"
               f"{ppl_text:>12}{r.get('compress_seconds', 0.0):>12.1f}"
               f"{r['peak_rss_mb']:>14.0f}", flush=True)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import allocation, linalg
+from rankcut import allocation, linalg, pipeline
 from rankcut.errors import ConfigError
 from rankcut.gradients import calibration_gradients, calibration_loss
 
-from .conftest import tiny_model
+from .conftest import VOCAB, tiny_model
 
 # --- scores against finite differences -------------------------------------------------------
 
@@ -156,16 +156,34 @@ def test_same_seed_same_rank_map(calib_ids):
     assert _zero_sum(calib_ids)[1].rank_map == _zero_sum(calib_ids)[1].rank_map
 
 
-def test_correction_stages_keep_ranks_and_log_losses(calib_ids, caplog):
+def test_correction_stages_lower_the_calibration_loss(caplog):
     caplog.set_level("INFO")
-    _, one = _zero_sum(calib_ids)
-    model, three = _zero_sum(calib_ids, stages=3)
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(2))
+    one_model, one = _zero_sum(ids, ratio=0.6)
+    model, three = _zero_sum(ids, ratio=0.6, stages=3)
     assert three.rank_map == one.rank_map
-    assert len(three.stage_losses) == 3
+    assert len(three.stage_losses) == 3  # on this model and text both stages are kept
+    assert three.stage_losses[0] == pytest.approx(calibration_loss(one_model, ids), abs=1e-5)
+    assert three.stage_losses[2] < three.stage_losses[1] < three.stage_losses[0]
     for stage in (1, 2, 3):
         assert f"calibration loss after stage {stage}" in caplog.text
     # the final reported loss is the model's real calibration loss
-    assert abs(three.stage_losses[-1] - calibration_loss(model, calib_ids)) < 1e-5
+    assert three.stage_losses[-1] == pytest.approx(calibration_loss(model, ids), abs=1e-5)
+
+
+def test_stage_that_raises_the_loss_is_rejected(calib_ids, monkeypatch, caplog):
+    """A step scale far too large makes every trial worse: the stage is dropped and the
+    model is exactly the stage-1 model."""
+    caplog.set_level("INFO")
+    monkeypatch.setattr(pipeline, "STEP_SCALES", (1e4,))
+    one_model, one = _zero_sum(calib_ids)
+    model, three = _zero_sum(calib_ids, stages=3)
+    assert three.stage_losses == pytest.approx(
+        [calibration_loss(one_model, calib_ids)], abs=1e-6)
+    assert "stage 2: no step scale lowers the calibration loss" in caplog.text
+    assert "stage 3" not in caplog.text
+    with torch.no_grad():
+        assert torch.equal(model(calib_ids).logits, one_model(calib_ids).logits)
 
 
 def test_rank_map_reuse_and_mismatch(calib_ids, tmp_path):

@@ -8,6 +8,7 @@ r(m + n) parameters when r is below its break-even rank r* and mn (dense) otherw
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ def global_select(
     ratio: float,
     rule: str = "zero-sum",
     min_rank: int = 1,
+    cost: Callable[[int, int, int], float] = kept_params,
 ) -> Selection:
     """Drops singular components across all matrices until the parameter budget is met.
 
@@ -66,6 +68,8 @@ def global_select(
         ratio: fraction of the total m·n to remove, in (0, 1).
         rule: ``"zero-sum"`` or ``"least-sensitive"``.
         min_rank: no matrix goes below this rank.
+        cost: size a rank-r m×n matrix keeps, in the units of m·n, or m·n when it stays
+            dense (default ``kept_params``; ``hybrid.classic_cost`` for int8 remaps).
 
     Returns:
         The ranks (None = dense) and the drop trace. Deterministic: ties break by the
@@ -79,7 +83,7 @@ def global_select(
     order = {name: i for i, name in enumerate(shapes)}
     rank = {name: int(scores[name].numel()) for name in shapes}
     values = {name: scores[name].tolist() for name in shapes}
-    kept = sum(kept_params(m, n, rank[name]) for name, (m, n) in shapes.items())
+    kept = sum(cost(m, n, rank[name]) for name, (m, n) in shapes.items())
     budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
     heaps: dict[bool, list] = {True: [], False: []}
 
@@ -100,11 +104,11 @@ def global_select(
         delta = values[name][rank[name] - 1]
         running += delta
         selection.dropped.append((name, rank[name] - 1, delta, running))
-        kept -= kept_params(m, n, rank[name]) - kept_params(m, n, rank[name] - 1)
+        kept -= cost(m, n, rank[name]) - cost(m, n, rank[name] - 1)
         rank[name] -= 1
         offer(name)
-    selection.ranks = {name: (r if r < break_even_rank(*shapes[name]) else None)
-                       for name, r in rank.items()}
+    selection.ranks = {name: (r if cost(*shapes[name], r) < shapes[name][0] * shapes[name][1]
+                              else None) for name, r in rank.items()}
     return selection
 
 

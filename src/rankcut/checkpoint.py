@@ -2,7 +2,9 @@
 
 Layout (DESIGN.md §3): ``config.json`` whose ``quantization_config`` carries
 ``quant_method: "rankcut"`` and the per-module rank map, sharded ``*.safetensors`` with
-``<module>.weight_u`` / ``<module>.weight_v``, and the tokenizer files.
+``<module>.weight_u`` / ``<module>.weight_v`` (plus ``weight_u_int8``, ``weight_u_scale``,
+``weight_v_int8``, ``weight_v_scale`` for modules with int8 rows, whose layout is in
+``quantization_config["int8_layout"]``), and the tokenizer files.
 
 Each factorized module also stores a one-element marker under its dense name
 ``<module>.weight``. A transformers without rankcut imported skips the unknown
@@ -73,7 +75,8 @@ class RankcutHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         dtype = kwargs.get("dtype") or model.dtype
         replace_with_low_rank(model, self.quantization_config.rank_map, dtype=dtype,
-                              device="meta")
+                              device="meta",
+                              int8_layout=getattr(self.quantization_config, "int8_layout", None))
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         markers = {re.escape(name + MARKER_SUFFIX) + "$"
                    for name, rank in self.quantization_config.rank_map.items() if rank}
@@ -102,13 +105,17 @@ def register_with_transformers() -> None:
 
 
 def replace_with_low_rank(model: nn.Module, rank_map: dict, dtype: torch.dtype,
-                          device: str | torch.device = "meta") -> None:
+                          device: str | torch.device = "meta",
+                          int8_layout: dict | None = None) -> None:
     """Swaps each ``nn.Linear`` named in ``rank_map`` with a rank entry for an empty
-    ``LowRankLinear`` of that rank. Mutates ``model``.
+    ``LowRankLinear`` of that rank (and of its ``int8_layout`` entry, when it has int8
+    rows). Mutates ``model``.
 
     Raises:
-        CheckpointError: a named module is missing or not an ``nn.Linear``.
+        CheckpointError: a named module is missing or not an ``nn.Linear``, or its int8
+            layout does not fit its rank.
     """
+    int8_layout = int8_layout or {}
     for name, rank in rank_map.items():
         if not rank:
             continue
@@ -118,9 +125,13 @@ def replace_with_low_rank(model: nn.Module, rank_map: dict, dtype: torch.dtype,
             raise CheckpointError(f"rank map names {name}, which the model does not have") from err
         if not isinstance(layer, nn.Linear):
             raise CheckpointError(f"rank map names {name}, a {type(layer).__name__}, not a Linear")
-        model.set_submodule(name, LowRankLinear(layer.in_features, layer.out_features, int(rank),
-                                                bias=layer.bias is not None, device=device,
-                                                dtype=dtype))
+        try:
+            low_rank = LowRankLinear(layer.in_features, layer.out_features, int(rank),
+                                     bias=layer.bias is not None, device=device, dtype=dtype,
+                                     **int8_layout.get(name, {}))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"bad int8 layout for {name}: {err}") from err
+        model.set_submodule(name, low_rank)
 
 
 def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
@@ -226,6 +237,26 @@ def validate_checkpoint(path: str | Path) -> dict:
     for shard in _shard_files(path):
         _check_shard(shard)
     return entry
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def bytes_by_dtype(path: str | Path) -> dict[str, int]:
+    """Returns {safetensors dtype: bytes} over every tensor of a checkpoint's shards, read
+    from the headers only (no weight is loaded)."""
+    totals: dict[str, int] = {}
+    for shard in _shard_files(Path(path)):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                dtype = piece.get_dtype()
+                count = 1
+                for dim in piece.get_shape():
+                    count *= dim
+                totals[dtype] = totals.get(dtype, 0) + count * _DTYPE_BYTES.get(dtype, 0)
+    return totals
 
 
 def _shard_files(path: Path) -> list[Path]:

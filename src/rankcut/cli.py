@@ -53,15 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", action="store_true",
                    help="feed each block the already-compressed blocks' outputs")
     c.add_argument("--rule", default=None, choices=["zero-sum", "least-sensitive"],
-                   help="global selection rule (zero-sum)")
+                   help="global selection rule (zero-sum, io-svd)")
     c.add_argument("--stages", type=int, default=None,
-                   help="1 = truncate only; N adds N-1 correct/re-truncate stages (zero-sum)")
-    c.add_argument("--min-rank", type=int, default=None, help="rank floor per matrix (zero-sum)")
+                   help="1 = truncate only; N adds N-1 correct/re-truncate stages "
+                        "(zero-sum, io-svd)")
+    c.add_argument("--min-rank", type=int, default=None,
+                   help="rank floor per matrix (zero-sum, io-svd)")
+    c.add_argument("--remap", default=None, choices=["classic", "loss-aware"],
+                   help="store some factor rows in int8 (io-svd); --ratio is then the byte "
+                        "reduction of the target layers")
     c.add_argument("--grad-samples", type=int, default=None,
-                   help="calibration samples used for gradients (zero-sum; default all)")
+                   help="calibration samples used for gradients (zero-sum, io-svd; default all)")
     c.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="recompute blocks in the gradient backward pass (zero-sum; default "
                         "auto: on when stored activations would exceed 1/4 of memory)")
+    c.add_argument("--top-k", type=int, default=None,
+                   help="next tokens kept by the KL output metric (io-svd; default 5)")
+    c.add_argument("--kl-mode", default=None, choices=["exact", "sample"],
+                   help="exact: K backward passes per batch; sample: one (io-svd; default)")
+    c.add_argument("--score", default=None, choices=["first", "second", "both"],
+                   help="component score: first-order loss, second-order KL, or their sum "
+                        "(io-svd; default both)")
     c.add_argument("--rank-map", default=None, metavar="FILE",
                    help="reuse a rank map (rank_map.json of an earlier run) instead of allocating")
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
@@ -109,7 +121,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
         stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples,
-        checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing])
+        checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
+        top_k=args.top_k, kl_mode=args.kl_mode, score=args.score, remap=args.remap)
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     start = time.perf_counter()
     model, tokenizer = models.load_model(args.model)
@@ -130,6 +143,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "model": args.model or models.DEFAULT_MODEL, "method": config.name,
         "settings": config.settings(), "output": str(out),
         "target_ratio": config.ratio, "achieved_ratio": report.achieved_ratio,
+        "achieved_byte_ratio": report.achieved_byte_ratio,
         "target_params_dense": report.dense_params, "target_params_kept": report.kept_params,
         "model_bytes_dense": dense_bytes, "model_bytes": _param_bytes(model),
         "dense_perplexity": dense_ppl, "perplexity": ppl,
@@ -191,11 +205,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Prints a checkpoint's method, settings, ratios and its rank allocation per block and
     per module type."""
-    from .checkpoint import validate_checkpoint
+    from .checkpoint import bytes_by_dtype, validate_checkpoint
 
     entry = validate_checkpoint(args.path)
     print(f"method: {entry['method']}  settings: {json.dumps(entry.get('settings', {}))}")
-    print(f"target ratio: {entry.get('target_ratio')}  achieved: {entry.get('achieved_ratio')}")
+    print(f"target ratio: {entry.get('target_ratio')}  achieved: {entry.get('achieved_ratio')}"
+          f"  achieved in bytes: {entry.get('achieved_byte_ratio', '-')}")
+    stored = bytes_by_dtype(args.path)
+    print("stored bytes by dtype: " + ", ".join(f"{dtype} {size:,}" for dtype, size
+                                                in sorted(stored.items())))
+    layout = entry.get("int8_layout") or {}
+    if layout:
+        rows = sum(e["u_int8"] + e["v_int8"] for e in layout.values())
+        print(f"int8 rows: {rows:,} in {len(layout)} modules")
     ranks = entry["rank_map"]
     by_type: dict[str, dict] = defaultdict(dict)
     by_block: dict[str, dict] = defaultdict(dict)
@@ -252,7 +274,9 @@ def peak_rss_mb() -> float:
 
 
 def _param_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the model's parameters and buffers (int8 factor rows included)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _print_module_summary(report) -> None:
@@ -278,6 +302,7 @@ def _print_closing_table(f: dict) -> None:
         ("target-layer params", f["target_params_dense"], f["target_params_kept"]),
         ("model bytes", f["model_bytes_dense"], f["model_bytes"]),
         ("ratio (target / achieved)", f["target_ratio"], f["achieved_ratio"]),
+        ("16-bit byte ratio achieved", None, f["achieved_byte_ratio"]),
     ]
     print(f"\n{f['method']} on {f['model']} -> {f['output']}")
     print(f"{'':<28}{'dense':>16}{'compressed':>16}")

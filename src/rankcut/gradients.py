@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
-from .hooks import InputMomentHooks
+from .hooks import InputMomentHooks, OutputMetricHooks
 from .models import find_decoder_blocks
 
 logger = logging.getLogger(__name__)
@@ -84,22 +84,28 @@ def _block_checkpointing(model: nn.Module, enabled: bool):
 
 
 def _batch_loss_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return _batch_loss_and_logits(model, batch)[0]
+
+
+def _batch_loss_and_logits(model: nn.Module, batch: torch.Tensor):
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
     if not torch.isfinite(loss):
         raise CalibrationError("calibration loss is not finite; the model produced NaN/inf")
-    return loss
+    return loss, logits
 
 
 def calibration_gradients(
     model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int = 4,
     input_hooks: InputMomentHooks | None = None, checkpointing: bool | None = None,
+    output_hooks: OutputMetricHooks | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Returns G = ∂L/∂W for each layer's weight (float32, CPU) and the loss L itself.
 
     Side effects: none that outlive the call (requires_grad flags, gradient buffers and
-    checkpointing are restored), except that active ``input_hooks`` accumulate the layers'
-    input statistics of the forward passes (not of checkpoint recomputation).
+    checkpointing are restored), except that ``input_hooks`` accumulate the layers' input
+    statistics of the forward passes (not of checkpoint recomputation) and ``output_hooks``
+    the layers' KL output metric (extra backward passes from the same forward).
 
     Args:
         model: a causal LM in eval mode.
@@ -109,6 +115,7 @@ def calibration_gradients(
         input_hooks: entered ``InputMomentHooks`` to feed during the forward passes.
         checkpointing: recompute blocks in the backward pass; None decides by
             ``checkpointing_needed``.
+        output_hooks: entered ``OutputMetricHooks`` fed after each batch's backward pass.
     """
     device = next(model.parameters()).device
     sums = {name: torch.zeros(layer.weight.shape, dtype=torch.float32)
@@ -124,10 +131,16 @@ def calibration_gradients(
             if input_hooks is not None:
                 input_hooks.new_batch()
                 input_hooks.active = True
-            loss = _batch_loss_sum(model, batch)
-            if input_hooks is not None:
-                input_hooks.active = False
-            loss.backward()
+            if output_hooks is not None:
+                output_hooks.active = True
+            loss, logits = _batch_loss_and_logits(model, batch)
+            for hooks in (input_hooks, output_hooks):
+                if hooks is not None:
+                    hooks.active = False
+            loss.backward(retain_graph=output_hooks is not None)
+            if output_hooks is not None:
+                output_hooks.accumulate(logits)
+            del logits
             for name, layer in layers.items():
                 sums[name] += layer.weight.grad.float().cpu()
                 layer.weight.grad = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import linalg
+from . import fisher, linalg
 from .errors import CalibrationError
 
 
@@ -59,3 +59,69 @@ class InputMomentHooks:
             self.stats[name].update(x)
 
         return hook
+
+
+class OutputMetricHooks:
+    """Accumulates each layer's output metric C = (1/N) Σ_t Σ_k b b_ᵀ of IO-SVD.
+
+    While active, forward hooks keep each layer's output tensor; ``accumulate(logits)``
+    then back-propagates the KL pseudo-gradients (``fisher.kl_seeds``) from the logits to
+    those outputs (``torch.autograd.grad``: no weight gradient is computed) and adds the
+    outer products of the results, in float64. Use as a context manager.
+
+    Attributes:
+        stats: {layer name: SecondMoment over the layer's output dimension}.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], top_k: int, mode: str, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.layers = layers
+        self.top_k, self.mode = top_k, mode
+        self.stats = {name: linalg.SecondMoment.zeros(layer.out_features)
+                      for name, layer in layers.items()}
+        self.active = False
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> OutputMetricHooks:
+        self._handles = [layer.register_forward_hook(self._hook(name))
+                         for name, layer in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._outputs.clear()
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if self.active:
+                self._outputs[name] = output
+
+        return hook
+
+    def accumulate(self, logits: torch.Tensor) -> None:
+        """Back-propagates the seeds of ``logits`` (still attached to the graph of the last
+        active forward pass) to every kept output and adds their outer products. Frees the
+        kept outputs.
+
+        Raises:
+            CalibrationError: a layer's output did not reach the logits, or a
+                back-propagated vector is not finite.
+        """
+        names = list(self._outputs)
+        outputs = [self._outputs[name] for name in names]
+        try:
+            seeds = fisher.kl_seeds(logits, self.top_k, self.mode, self.generator)
+            for k, seed in enumerate(seeds):
+                grads = torch.autograd.grad(logits, outputs, seed.to(logits.dtype),
+                                            retain_graph=True, allow_unused=True)
+                for name, grad in zip(names, grads, strict=True):
+                    if grad is None:
+                        raise CalibrationError(f"the output of {name} does not reach the logits")
+                    if not torch.isfinite(grad).all():
+                        raise CalibrationError(f"non-finite KL pseudo-gradient at {name}")
+                    self.stats[name].update(grad, new_tokens=k == 0)
+        finally:
+            self._outputs.clear()

@@ -41,11 +41,16 @@ class SecondMoment:
         """Returns empty statistics for inputs of dimension ``n``."""
         return cls(xx=torch.zeros(n, n, dtype=torch.float64, device=device))
 
-    def update(self, x: torch.Tensor) -> None:
-        """Adds a batch of inputs ``x`` (any leading shape, last dim n). Mutates self."""
+    def update(self, x: torch.Tensor, new_tokens: bool = True) -> None:
+        """Adds a batch of vectors ``x`` (any leading shape, last dim n). Mutates self.
+
+        ``new_tokens=False`` adds the outer products without counting the tokens again
+        (the 2nd…K-th term of a per-token sum such as IO-SVD's Σ_k b_k b_kᵀ).
+        """
         flat = x.reshape(-1, x.shape[-1]).to(self.xx.device, torch.float64)
         self.xx.addmm_(flat.T, flat)
-        self.count += flat.shape[0]
+        if new_tokens:
+            self.count += flat.shape[0]
 
     def merge(self, other: SecondMoment) -> None:
         """Adds another accumulator's sums and counts into this one. Mutates self."""

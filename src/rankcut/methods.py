@@ -16,6 +16,8 @@ import torch
 from . import linalg
 from .allocation import RULES
 from .errors import ConfigError
+from .fisher import KL_MODES
+from .hybrid import REMAPS
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     needs_input_stats: ClassVar[bool] = False
+    needs_output_stats: ClassVar[bool] = False
     allocation: ClassVar[str] = "uniform"  # or "global": ranks chosen across the model
     ratio: float = 0.2
     sequential: bool = False
@@ -66,7 +69,8 @@ class ZeroSumConfig(SVDLLMConfig):
     Attributes:
         rule: ``"zero-sum"`` (two-heap rule) or ``"least-sensitive"`` (smallest |ΔL| first).
         min_rank: no matrix is cut below this rank.
-        stages: 1 = truncate only; N > 1 adds N − 1 correct-and-re-truncate stages.
+        stages: 1 = truncate only; N > 1 adds up to N − 1 correct-and-re-truncate stages
+            (a stage that cannot lower the calibration loss ends the sequence).
         grad_samples: calibration samples used for gradients (None = all).
         grad_batch_size: samples per forward/backward pass of the gradient computation.
         checkpointing: recompute decoder blocks in the backward pass instead of storing
@@ -96,31 +100,98 @@ class ZeroSumConfig(SVDLLMConfig):
             raise ConfigError(f"grad_samples must be at least 1; got {self.grad_samples}")
 
 
-Decomposer = Callable[[MethodConfig, torch.Tensor, "linalg.SecondMoment | None"],
-                      linalg.Decomposition]
+#: Component scores of ``IOSVDConfig.score``.
+SCORES = ("first", "second", "both")
+
+
+@dataclass(frozen=True)
+class IOSVDConfig(ZeroSumConfig):
+    """IO-SVD: whitening on both sides — inputs by their second moment R, outputs by the
+    KL metric C back-propagated from the original model's top-K next-token distribution —
+    then the global selection of the zero-sum method in that two-sided basis.
+
+    Attributes:
+        top_k: K, the most likely next tokens the KL metric keeps at each position.
+        kl_mode: ``"exact"`` (K backward passes per batch) or ``"sample"`` (one pass, one
+            token drawn per position).
+        score: component score used by the selection: ``"first"`` (first-order change of
+            the calibration loss), ``"second"`` (½σ², the second-order KL increase) or
+            ``"both"`` (their sum).
+        seed: seed of the random signs / samples of the KL pseudo-gradients.
+        remap: None (pure low-rank, 16-bit factors), ``"classic"`` or ``"loss-aware"``
+            (hybrid int8 rows, see ``rankcut.hybrid``); with a remap, ``ratio`` is the
+            reduction of the target layers' bytes relative to 16-bit dense weights.
+    """
+
+    name: ClassVar[str] = "io-svd"
+    needs_output_stats: ClassVar[bool] = True
+    top_k: int = 5
+    kl_mode: str = "sample"
+    score: str = "both"
+    seed: int = 0
+    remap: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be at least 1; got {self.top_k}")
+        if self.kl_mode not in KL_MODES:
+            raise ConfigError(f"unknown kl_mode {self.kl_mode!r}; choose one of "
+                              f"{', '.join(KL_MODES)}")
+        if self.score not in SCORES:
+            raise ConfigError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.remap is not None and self.remap not in REMAPS:
+            raise ConfigError(f"unknown remap {self.remap!r}; choose one of {', '.join(REMAPS)}")
+
+Decomposer = Callable[[MethodConfig, torch.Tensor, "linalg.SecondMoment | None",
+                       "linalg.SecondMoment | None"], linalg.Decomposition]
+Scorer = Callable[[MethodConfig, linalg.Decomposition, torch.Tensor], torch.Tensor]
+
+
+def _first_order(config: MethodConfig, decomposition: linalg.Decomposition,
+                 grad: torch.Tensor) -> torch.Tensor:
+    return linalg.component_scores(decomposition, grad)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its config class and its per-matrix decomposition."""
+    """A registered method: its config class, its per-matrix decomposition (given the
+    input and output statistics it asked for) and, for global allocation, its per-component
+    score (given the decomposition and the loss gradient)."""
 
     config_cls: type[MethodConfig]
     decompose: Decomposer
+    score: Scorer = _first_order
 
 
-def _plain_svd(config: MethodConfig, weight: torch.Tensor, stats: Any) -> linalg.Decomposition:
+def _plain_svd(config: MethodConfig, weight: torch.Tensor, inputs: Any,
+               outputs: Any = None) -> linalg.Decomposition:
     return linalg.decompose(weight)
 
 
-def _svd_llm(config: MethodConfig, weight: torch.Tensor,
-             stats: linalg.SecondMoment | None) -> linalg.Decomposition:
-    return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(stats.mean()))
+def _svd_llm(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
+             outputs: Any = None) -> linalg.Decomposition:
+    return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(inputs.mean()))
+
+
+def _io_svd(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
+            outputs: linalg.SecondMoment | None) -> linalg.Decomposition:
+    return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(inputs.mean()),
+                            output_whitening=linalg.cholesky_whitening(outputs.mean()))
+
+
+def _io_svd_score(config: IOSVDConfig, decomposition: linalg.Decomposition,
+                  grad: torch.Tensor) -> torch.Tensor:
+    first = linalg.component_scores(decomposition, grad) if config.score != "second" else 0.0
+    second = 0.5 * decomposition.sigma.square() if config.score != "first" else 0.0
+    return first + second
 
 
 METHODS: dict[str, MethodSpec] = {
     SVDConfig.name: MethodSpec(SVDConfig, _plain_svd),
     SVDLLMConfig.name: MethodSpec(SVDLLMConfig, _svd_llm),
     ZeroSumConfig.name: MethodSpec(ZeroSumConfig, _svd_llm),
+    IOSVDConfig.name: MethodSpec(IOSVDConfig, _io_svd, _io_svd_score),
 }
 
 #: The method ``rankcut compress`` uses when none is named.

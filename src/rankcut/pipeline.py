@@ -8,6 +8,7 @@ The model never holds more than one block's activations per batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import linalg
-from .allocation import global_select, uniform_ranks
+from .allocation import global_select, kept_params, uniform_ranks
 from .errors import CalibrationError, ConfigError
 from .gradients import calibration_gradients, calibration_loss
-from .hooks import InputMomentHooks
+from .hooks import InputMomentHooks, OutputMetricHooks
+from .hybrid import (
+    RowPlan,
+    classic_cost,
+    classic_plan,
+    factor_bytes,
+    loss_aware_plans,
+    row_loss_changes,
+)
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
@@ -40,6 +49,16 @@ class ModuleResult:
     loss: float  # whitened truncation loss Σ discarded σ²
     relative_loss: float  # loss / Σ σ²
     seconds: float
+    int8: dict[str, int] = field(default_factory=dict)  # hybrid layout (u_int8, v_int8, …)
+
+    @property
+    def bytes16(self) -> int:
+        """Bytes with 16-bit values (dense or factors), int8 rows and 16-bit scales."""
+        m, n = self.shape
+        if self.rank is None:
+            return 2 * m * n
+        return factor_bytes(m, n, self.rank, self.int8.get("u_int8", 0),
+                            self.int8.get("v_int8", 0))
 
 
 @dataclass
@@ -68,9 +87,21 @@ class CompressionReport:
         return 1.0 - self.kept_params / max(1, self.dense_params)
 
     @property
+    def achieved_byte_ratio(self) -> float:
+        """Fraction of the target layers' 16-bit bytes removed (int8 rows counted as such)."""
+        dense = sum(2 * m.shape[0] * m.shape[1] for m in self.modules)
+        return 1.0 - sum(m.bytes16 for m in self.modules) / max(1, dense)
+
+    @property
     def rank_map(self) -> dict[str, int | None]:
         """{module name: rank, or None when kept dense}."""
         return {m.name: m.rank for m in self.modules}
+
+    @property
+    def int8_layout(self) -> dict[str, dict[str, int]]:
+        """{module: its int8 layout (``u_int8``, ``v_int8``, ``v_int8_start``)} for the
+        modules with int8 rows."""
+        return {m.name: m.int8 for m in self.modules if m.int8}
 
     def quantization_config(self) -> dict:
         """Returns the ``quantization_config`` entry written into config.json."""
@@ -84,7 +115,9 @@ class CompressionReport:
             "settings": self.settings,
             "target_ratio": self.settings.get("ratio"),
             "achieved_ratio": round(self.achieved_ratio, 6),
+            "achieved_byte_ratio": round(self.achieved_byte_ratio, 6),
             "rank_map": self.rank_map,
+            "int8_layout": self.int8_layout,
         }
 
 
@@ -160,21 +193,51 @@ def _compress_block_by_block(model, config, targets, calibration, batch_size, ra
         for names, stats in _block_groups(model, config, targets, calibration, batch_size):
             for name in names:
                 layer = targets[name]
-                decomposition = spec.decompose(config, layer.weight, stats.get(name))
+                decomposition = spec.decompose(config, layer.weight, stats.get(name), None)
                 report.modules.append(_apply_rank(model, name, layer, decomposition, ranks[name]))
 
 
 def _compress_globally(model, config, targets, calibration, batch_size,
                        report: CompressionReport) -> None:
-    """Gradients, every module's decomposition and scores, one global selection, then the
-    optional correction stages (zero-sum style methods)."""
-    spec = method_spec(config.name)
+    """Gradients, every module's decomposition and scores, one global selection, the
+    optional int8 row plans, then the optional correction stages (zero-sum, io-svd)."""
     grad_ids = calibration[: config.grad_samples]
-    shared = grad_ids.shape[0] == calibration.shape[0]  # one pass gives gradients and stats
-    with InputMomentHooks(targets if shared else {}) as hooks:
-        grads, loss = calibration_gradients(model, targets, grad_ids, config.grad_batch_size,
-                                            input_hooks=hooks if shared else None,
-                                            checkpointing=config.checkpointing)
+    grads, decompositions, scores = _global_statistics(model, config, targets, calibration,
+                                                       grad_ids, batch_size)
+    shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
+    remap = getattr(config, "remap", None)
+    selection = global_select(shapes, scores, config.ratio, config.rule, config.min_rank,
+                              cost=classic_cost if remap else kept_params)
+    plans = _row_plans(remap, shapes, selection.ranks, decompositions, grads, config.ratio)
+    del grads
+    originals = {n: t.weight.detach().to(torch.float64, copy=True) for n, t in targets.items()
+                 if selection.ranks[n] is not None} if config.stages > 1 else {}
+    with torch.no_grad():
+        results = {name: _apply_rank(model, name, layer, decompositions[name],
+                                     selection.ranks[name], plan=plans.get(name))
+                   for name, layer in targets.items()}
+    report.stage_losses.extend(_run_correction_stages(
+        model, originals, decompositions, selection.ranks, plans, grad_ids, config, results))
+    report.modules.extend(results.values())
+
+
+def _global_statistics(model, config, targets, calibration, grad_ids, batch_size):
+    """One gradient pass (which also gathers the input statistics when it covers all the
+    calibration samples, and the KL output metric for io-svd), then every module's
+    decomposition and component scores.
+
+    Returns:
+        ({module: G}, {module: Decomposition}, {module: component scores}).
+    """
+    spec = method_spec(config.name)
+    shared = grad_ids.shape[0] == calibration.shape[0]
+    device = next(model.parameters()).device
+    outputs = (OutputMetricHooks(targets, config.top_k, config.kl_mode, config.seed, device)
+               if config.needs_output_stats else None)
+    with InputMomentHooks(targets if shared else {}) as hooks, outputs or contextlib.nullcontext():
+        grads, loss = calibration_gradients(
+            model, targets, grad_ids, config.grad_batch_size, checkpointing=config.checkpointing,
+            input_hooks=hooks if shared else None, output_hooks=outputs)
     logger.info("calibration loss of the original model: %.4f", loss)
     decompositions, scores = {}, {}
     groups = ([(list(targets), hooks.stats)] if shared else
@@ -182,21 +245,26 @@ def _compress_globally(model, config, targets, calibration, batch_size,
     with torch.no_grad():
         for names, stats in groups:
             for name in tqdm(names, desc="decompose", unit="module", disable=not shared):
-                decompositions[name] = spec.decompose(config, targets[name].weight, stats[name])
-                scores[name] = linalg.component_scores(decompositions[name], grads.pop(name))
-    shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
-    selection = global_select(shapes, scores, config.ratio, config.rule, config.min_rank)
-    originals = {n: t.weight.detach().to(torch.float64, copy=True) for n, t in targets.items()
-                 if selection.ranks[n] is not None} if config.stages > 1 else {}
-    with torch.no_grad():
-        results = {name: _apply_rank(model, name, layer, decompositions[name],
-                                     selection.ranks[name]) for name, layer in targets.items()}
-    report.stage_losses.extend(_run_correction_stages(model, originals, decompositions,
-                                                      selection.ranks, grad_ids, config, results))
-    report.modules.extend(results.values())
+                decompositions[name] = spec.decompose(config, targets[name].weight, stats[name],
+                                                      outputs and outputs.stats[name])
+                scores[name] = spec.score(config, decompositions[name], grads[name])
+    return grads, decompositions, scores
 
 
-def _run_correction_stages(model, originals, decompositions, ranks, grad_ids, config,
+def _row_plans(remap, shapes, ranks, decompositions, grads, ratio) -> dict[str, RowPlan]:
+    """The int8 rows of every factorized module under ``remap`` (empty without one)."""
+    factored = [name for name in shapes if ranks[name] is not None]
+    if remap == "classic":
+        return {name: classic_plan(*shapes[name], ranks[name]) for name in factored}
+    if remap == "loss-aware":
+        changes = {name: row_loss_changes(decompositions[name], ranks[name], grads[name])
+                   for name in factored}
+        budget = (1.0 - ratio) * sum(2 * m * n for m, n in shapes.values())
+        return loss_aware_plans(shapes, ranks, changes, budget)
+    return {}
+
+
+def _run_correction_stages(model, originals, decompositions, ranks, plans, grad_ids, config,
                            results: dict[str, ModuleResult]) -> list[float]:
     """Runs stages 2..N; stops early when a stage finds no step that lowers the loss.
 
@@ -208,7 +276,7 @@ def _run_correction_stages(model, originals, decompositions, ranks, grad_ids, co
     losses: list[float] = []
     for stage in range(2, config.stages + 1):
         corrected, before, after = _correction_stage(model, stage, originals, decompositions,
-                                                     ranks, grad_ids, config)
+                                                     ranks, plans, grad_ids, config)
         if not losses:
             losses.append(before)
             logger.info("calibration loss after stage 1: %.4f", before)
@@ -226,7 +294,7 @@ def _run_correction_stages(model, originals, decompositions, ranks, grad_ids, co
 STEP_SCALES = (1.0, 0.5, 0.25)
 
 
-def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids, config):
+def _correction_stage(model, stage, originals, decompositions, ranks, plans, grad_ids, config):
     """One truncate–correct–re-truncate stage with a backtracking safeguard.
 
     The step is W += α·(⟨g,ΔW⟩/⟨g,g⟩)·g per module, with ΔW the gap to the original weight
@@ -251,7 +319,7 @@ def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids, 
             g = grads[name].to(torch.float64)
             grads[name] = (g * ((g * gap).sum() / (g * g).sum().clamp_min(1e-300))).float()
     for scale in STEP_SCALES:
-        results = _retruncate(model, dense, grads, scale, decompositions, ranks)
+        results = _retruncate(model, dense, grads, scale, decompositions, ranks, plans)
         after = calibration_loss(model, grad_ids, config.grad_batch_size)
         logger.info("stage %d, step scale %.2f: calibration loss %.4f -> %.4f", stage, scale,
                     before, after)
@@ -262,8 +330,10 @@ def _correction_stage(model, stage, originals, decompositions, ranks, grad_ids, 
     return None, before, before
 
 
-def _retruncate(model, dense, steps, scale, decompositions, ranks) -> dict[str, ModuleResult]:
-    """Replaces each module of ``dense`` by the rank-r cut of W + scale·step (same S)."""
+def _retruncate(model, dense, steps, scale, decompositions, ranks,
+                plans) -> dict[str, ModuleResult]:
+    """Replaces each module of ``dense`` by the rank-r cut of W + scale·step (same S, same
+    int8 rows)."""
     results = {}
     with torch.no_grad():
         for name, layer in dense.items():
@@ -272,7 +342,7 @@ def _retruncate(model, dense, steps, scale, decompositions, ranks) -> dict[str, 
             decomposition = linalg.decompose(corrected, old.input_whitening,
                                              old.output_whitening)
             results[name] = _apply_rank(model, name, layer, decomposition, ranks[name],
-                                        log=False)
+                                        plan=plans.get(name), log=False)
     return results
 
 
@@ -314,22 +384,27 @@ def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> d
 
 def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
                 decomposition: linalg.Decomposition, rank: int | None,
-                log: bool = True) -> ModuleResult:
-    """Swaps ``layer`` for its rank-``rank`` factors (None: keeps it dense); logs one line
-    unless ``log`` is False."""
+                plan: RowPlan | None = None, log: bool = True) -> ModuleResult:
+    """Swaps ``layer`` for its rank-``rank`` factors (None: keeps it dense), with the int8
+    rows of ``plan`` when given; logs one line unless ``log`` is False."""
     t0 = time.perf_counter()
     m, n = layer.weight.shape
     kept = decomposition.sigma.numel() if rank is None else rank
     loss = decomposition.truncation_loss(kept)
     total = float(decomposition.sigma.square().sum()) or 1.0
+    int8 = {}
     if rank is not None:
         w_u, w_v = decomposition.factors(rank)
-        new = LowRankLinear.from_factors(w_u, w_v, layer.bias, dtype=layer.weight.dtype)
+        new = LowRankLinear.from_factors(w_u, w_v, layer.bias, dtype=layer.weight.dtype,
+                                         plan=plan)
         model.set_submodule(name, new.to(layer.weight.device))
-    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - t0)
+        int8 = {k: v for k, v in new.layout.items() if k != "rank"}
+    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - t0,
+                          int8)
     if log:
-        logger.info("%s [%dx%d] rank=%s loss=%.4g rel=%.4f %.2fs", name, m, n,
-                    "dense" if rank is None else rank, loss, result.relative_loss,
+        extra = f" int8 u={int8['u_int8']} v={int8['v_int8']}" if int8 else ""
+        logger.info("%s [%dx%d] rank=%s%s loss=%.4g rel=%.4f %.2fs", name, m, n,
+                    "dense" if rank is None else rank, extra, loss, result.relative_loss,
                     result.seconds)
     return result
 
