@@ -128,3 +128,23 @@ def test_failed_run_keeps_previous_output(compressed_dir, model_dir, tmp_path, c
     short.write_text(word_text(20))
     assert _compress(model_dir, short, compressed_dir) == 2
     assert (compressed_dir / "config.json").read_text() == before
+
+
+def test_io_svd_flags_and_byte_ratio_in_json(model_dir, calib_file, tmp_path):
+    out, json_path = tmp_path / "io", tmp_path / "io.json"
+    assert _compress(model_dir, calib_file, out, "--method", "io-svd", "--top-k", "3",
+                     "--kl-mode", "exact", "--score", "second", "--remap", "loss-aware",
+                     "--ratio", "0.3", "--json", str(json_path)) == 0
+    figures = json.loads(json_path.read_text())
+    assert figures["settings"]["top_k"] == 3 and figures["settings"]["remap"] == "loss-aware"
+    assert figures["settings"]["kl_mode"] == "exact" and figures["settings"]["score"] == "second"
+    assert 0.3 <= figures["achieved_byte_ratio"] < 0.31
+    entry = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert entry["int8_layout"] and entry["achieved_byte_ratio"] == pytest.approx(
+        figures["achieved_byte_ratio"], abs=1e-6)
+
+
+def test_io_svd_flag_on_another_method_is_refused(model_dir, calib_file, tmp_path, capsys):
+    assert _compress(model_dir, calib_file, tmp_path / "x", "--method", "zero-sum",
+                     "--top-k", "3") == 2
+    assert "has no setting(s) ['top_k']" in capsys.readouterr().err
