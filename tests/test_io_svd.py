@@ -145,3 +145,14 @@ def test_io_svd_compresses_to_the_budget_with_two_sided_factors(calib_ids, setti
     assert model.config.quantization_config["method"] == "io-svd"
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=calib_ids).logits).all()
+
+
+def test_top_1_metric_is_zero_and_warned(calib_ids, caplog):
+    """Renormalized over one token, p is a point mass: every seed is zero."""
+    assert all(torch.count_nonzero(s) == 0 for s in fisher.kl_seeds(_logits(3), 1, "exact"))
+    model = tiny_model()
+    layers = rankcut.models.select_targets(model, include=["*.layers.1.mlp.*"])
+    with OutputMetricHooks(layers, 1, "sample") as outputs:
+        calibration_gradients(model, layers, calib_ids, output_hooks=outputs)
+    assert "top_k=1" in caplog.text
+    assert all(torch.count_nonzero(s.xx) == 0 for s in outputs.stats.values())

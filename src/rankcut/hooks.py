@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from . import fisher, linalg
 from .errors import CalibrationError
+
+logger = logging.getLogger(__name__)
 
 
 class InputMomentHooks:
@@ -77,6 +81,9 @@ class OutputMetricHooks:
                  device: torch.device | str = "cpu") -> None:
         self.layers = layers
         self.top_k, self.mode = top_k, mode
+        if top_k == 1 and layers:
+            logger.warning("top_k=1: the top-1 renormalized distribution is a point mass with "
+                           "zero Fisher, so the output metric carries no information")
         self.stats = {name: linalg.SecondMoment.zeros(layer.out_features)
                       for name, layer in layers.items()}
         self.active = False
