@@ -46,9 +46,17 @@ class SecondMoment:
 
         ``new_tokens=False`` adds the outer products without counting the tokens again
         (the 2nd…K-th term of a per-token sum such as IO-SVD's Σ_k b_k b_kᵀ).
+
+        Float64 input is multiplied in float64; lower precisions are multiplied in float32
+        (the activations carry no more than that) and each batch's product is added to
+        the float64 sum: the long accumulation keeps float64 accuracy at half the cost.
         """
-        flat = x.reshape(-1, x.shape[-1]).to(self.xx.device, torch.float64)
-        self.xx.addmm_(flat.T, flat)
+        flat = x.reshape(-1, x.shape[-1]).to(self.xx.device)
+        if flat.dtype == torch.float64:
+            self.xx.addmm_(flat.T, flat)
+        else:
+            flat = flat.float()
+            self.xx.add_(flat.T @ flat)
         if new_tokens:
             self.count += flat.shape[0]
 
