@@ -9,6 +9,8 @@ tokens of the wiki test part. Each run is a separate process, so its peak RSS is
 
 A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequential``);
 ``name:key=value`` sets any other (e.g. ``zero-sum:stages=3:rule=least-sensitive``).
+``+update`` adds a parameter update after truncation, with its own settings
+(``svd-llm+refit``, ``svd-llm+lora:steps=40``).
 Prints a table and writes JSON (default ``bench-out/quality.json``).
 """
 
@@ -60,22 +62,29 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     import rankcut
     from rankcut import data
     from rankcut.cli import peak_rss_mb
+    from rankcut.update import make_update
 
     torch.manual_seed(args.seed)
     model, tokenizer = rankcut.load_model(args.model)
     row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0}
     if method is not None:
-        name, *flags = method.split(":")
+        method_part, _, update_part = method.partition("+")
+        name, *flags = method_part.split(":")
         config = rankcut.make_config(name, ratio=ratio, **dict(map(parse_setting, flags)))
+        update = None
+        if update_part:
+            update_name, *update_flags = update_part.split(":")
+            update = make_update(update_name, **dict(map(parse_setting, update_flags)))
         calib = None
-        if config.needs_input_stats:
+        if config.needs_input_stats or config.needs_row_fisher or update is not None:
             text = data.load_text(args.calib_file or "wiki", "calib")
             calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
                                            args.seed)
-        report = rankcut.compress(model, config, calib)
+        report = rankcut.compress(model, config, calib, update=update)
         row.update(achieved_ratio=report.achieved_ratio,
                    achieved_byte_ratio=report.achieved_byte_ratio, compress_seconds=report.seconds,
-                   kept_by_type=kept_by_type(report), stage_losses=report.stage_losses)
+                   kept_by_type=kept_by_type(report), stage_losses=report.stage_losses,
+                   update_log=report.update.log if report.update else [])
     test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
     result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
     row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,

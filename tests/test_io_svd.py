@@ -121,17 +121,28 @@ def test_predicted_kl_tracks_the_measured_kl_on_a_tiny_model(calib_ids):
     assert checked == 3
 
 
-def test_output_metric_is_the_same_with_activation_checkpointing(calib_ids):
+def test_output_metric_is_the_same_with_checkpointing_and_without_weight_gradients(calib_ids):
     model = tiny_model()
     layers = rankcut.models.select_targets(model, include=["*.layers.1.*"])
     metrics = []
-    for checkpointing in (False, True):
+    for checkpointing, weight_grads in ((False, True), (True, True), (False, False)):
         with OutputMetricHooks(layers, 3, "exact", seed=7) as outputs:
-            calibration_gradients(model, layers, calib_ids, checkpointing=checkpointing,
-                                  output_hooks=outputs)
+            grads, _ = calibration_gradients(model, layers, calib_ids,
+                                             checkpointing=checkpointing,
+                                             output_hooks=outputs, weight_grads=weight_grads)
+        assert bool(grads) == weight_grads  # without weight gradients: no loss backward
         metrics.append({name: s.mean() for name, s in outputs.stats.items()})
-    for name in layers:
-        torch.testing.assert_close(metrics[0][name], metrics[1][name], rtol=1e-4, atol=1e-10)
+    for other in metrics[1:]:
+        for name in layers:
+            torch.testing.assert_close(metrics[0][name], other[name], rtol=1e-4, atol=1e-10)
+
+
+def test_second_order_score_alone_skips_the_loss_gradient():
+    make = rankcut.make_config
+    assert make("io-svd").needs_loss_gradients
+    assert not make("io-svd", score="second").needs_loss_gradients
+    assert make("io-svd", score="second", remap="loss-aware").needs_loss_gradients
+    assert make("zero-sum").needs_loss_gradients
 
 
 @pytest.mark.parametrize("settings", [{}, {"kl_mode": "exact", "top_k": 3},

@@ -8,6 +8,7 @@ r(m + n) parameters when r is below its break-even rank r* and mn (dense) otherw
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import torch
 
 from .errors import ConfigError
 from .linalg import break_even_rank, uniform_rank
+from .models import module_type
 
 RULES = ("zero-sum", "least-sensitive")
 
@@ -122,3 +124,91 @@ def _next(heaps: dict[bool, list], running: float, rule: str) -> str | None:
     else:
         heap = negative or None
     return heapq.heappop(heap)[2] if heap else None
+
+
+def loss_balanced_ranks(
+    shapes: dict[str, tuple[int, int]],
+    sigmas: dict[str, torch.Tensor],
+    ratio: float,
+    tokens: int,
+) -> dict[str, int | None]:
+    """SVD-LLM v2's heterogeneous ranks: per module type, ratios from truncation losses.
+
+    For every matrix, L = √(N·Σ_{i ≥ r} σ_i²) is its theoretical truncation loss
+    ‖(W − W_r) X‖_F over the N calibration tokens at the uniform rank r (σ from the
+    whitened SVD with R = XXᵀ/N). Within each module type (all q_proj, all down_proj, …)
+    the matrices get ratios ρ_i = ρ · w_i / mean(w) with w_i = 1 / log(max(L_i, e)): a
+    matrix that loses more is cut less. The ranks are then repaired greedily to the exact
+    global budget (``fill_budget``).
+
+    Args:
+        shapes: {matrix: (m, n)}.
+        sigmas: {matrix: its whitened singular values, descending}.
+        ratio: fraction of the total m·n to remove, in (0, 1).
+        tokens: N, the number of calibration tokens behind the statistics.
+
+    Returns:
+        {matrix: rank, or None when it stays dense}. Pure; deterministic.
+    """
+    weights = {}
+    for name, (m, n) in shapes.items():
+        tail = sigmas[name][uniform_rank(m, n, ratio):].square().sum()
+        weights[name] = 1.0 / math.log(max(math.sqrt(tokens * float(tail)), math.e))
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(module_type(name), []).append(name)
+    ranks = {}
+    for names in groups.values():
+        mean = sum(weights[name] for name in names) / len(names)
+        for name in names:
+            m, n = shapes[name]
+            own = min(max(ratio * weights[name] / mean, 0.0), 0.99)
+            ranks[name] = min(uniform_rank(m, n, own), sigmas[name].numel())
+    ranks = fill_budget(shapes, sigmas, ranks, (1.0 - ratio) * sum(m * n for m, n in
+                                                                     shapes.values()))
+    return {name: (r if r < break_even_rank(*shapes[name]) else None)
+            for name, r in ranks.items()}
+
+
+def fill_budget(
+    shapes: dict[str, tuple[int, int]],
+    sigmas: dict[str, torch.Tensor],
+    ranks: dict[str, int],
+    budget: float,
+) -> dict[str, int]:
+    """Repairs ranks greedily so the kept parameters meet ``budget`` exactly.
+
+    While over budget, takes the step down with the smallest lost σ² per parameter saved;
+    then, while one fits, the step up with the largest regained σ² per parameter added.
+    A step is one component, except across the break-even rank r*, where a dense matrix
+    steps straight to r* − 1 (and back). Afterwards the kept parameters are ≤ budget and no
+    further step fits. Ranks stay in [1, len(σ)].
+
+    Returns:
+        The repaired ranks (a new dict; len(σ) for a dense matrix). Pure.
+    """
+    full = {name: sigmas[name].numel() for name in shapes}
+    ranks = {name: (full[name] if r >= break_even_rank(*shapes[name]) else r)
+             for name, r in ranks.items()}
+    kept = sum(kept_params(*shapes[n], r) for n, r in ranks.items())
+
+    def step(name: str, up: bool) -> tuple[int, float, int]:
+        """(new rank, σ² moved, parameters moved) of one step of ``name``."""
+        m, n = shapes[name]
+        r, star = ranks[name], break_even_rank(m, n)
+        new = (r + 1 if r + 1 < star else full[name]) if up else (star - 1 if r >= star else r - 1)
+        low, high = sorted((r, new))
+        return new, float(sigmas[name][low:high].square().sum()), abs(
+            kept_params(m, n, new) - kept_params(m, n, r))
+
+    while kept > budget:
+        down = {n: step(n, False) for n in ranks if ranks[n] > 1}
+        name = min(down, key=lambda n: down[n][1] / max(1, down[n][2]))
+        ranks[name], kept = down[name][0], kept - down[name][2]
+    while True:
+        up = {n: step(n, True) for n in ranks if ranks[n] < full[n]}
+        up = {n: s for n, s in up.items() if kept + s[2] <= budget}
+        if not up:
+            return ranks
+        name = max(up, key=lambda n: up[n][1] / max(1, up[n][2]))
+        ranks[name], kept = up[name][0], kept + up[name][2]

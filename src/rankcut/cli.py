@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--score", default=None, choices=["first", "second", "both"],
                    help="component score: first-order loss, second-order KL, or their sum "
                         "(io-svd; default both)")
+    c.add_argument("--alpha", type=float, default=None,
+                   help="exponent of the input-channel scales (asvd; default 0.5)")
+    c.add_argument("--update", default="none", choices=["none", "refit", "lora"],
+                   help="parameter update after truncation: closed-form refit of W_u, or "
+                        "sequential LoRA on W_u then W_v (any method)")
+    c.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
+    c.add_argument("--lora-steps", type=int, default=None,
+                   help="optimizer steps per LoRA stage (default 20)")
+    c.add_argument("--lora-batch-size", type=int, default=None,
+                   help="calibration samples per LoRA step (default 4)")
+    c.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default 3e-4)")
     c.add_argument("--rank-map", default=None, metavar="FILE",
                    help="reuse a rank map (rank_map.json of an earlier run) instead of allocating")
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
@@ -116,18 +127,24 @@ def cmd_compress(args: argparse.Namespace) -> None:
     """Loads, calibrates, compresses, saves, evaluates and prints the closing table."""
     import torch
 
-    from . import checkpoint, data, methods, models, pipeline
+    from . import checkpoint, data, methods, models, pipeline, update
 
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
         stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples,
         checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
-        top_k=args.top_k, kl_mode=args.kl_mode, score=args.score, remap=args.remap)
+        top_k=args.top_k, kl_mode=args.kl_mode, score=args.score, remap=args.remap,
+        alpha=args.alpha)
+    lora = dict(rank=args.lora_rank, steps=args.lora_steps, batch_size=args.lora_batch_size,
+                lr=args.lora_lr)
+    if args.update != "lora" and any(v is not None for v in lora.values()):
+        raise update.ConfigError("--lora-* settings need --update lora")
+    update_config = update.make_update(args.update, **lora)
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     start = time.perf_counter()
     model, tokenizer = models.load_model(args.model)
     calib = None
-    if config.needs_input_stats:
+    if config.needs_input_stats or config.needs_row_fisher or update_config is not None:
         text = data.load_text(args.calib_file or args.calib, part="calib")
         calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen, args.seed)
     eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
@@ -135,7 +152,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     dense_bytes = _param_bytes(model)
     torch.manual_seed(args.seed)
     report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
-                               rank_map=rank_map)
+                               rank_map=rank_map, update=update_config)
     out = checkpoint.save_pretrained(model, args.output, tokenizer)
     (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
     ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
@@ -148,6 +165,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "model_bytes_dense": dense_bytes, "model_bytes": _param_bytes(model),
         "dense_perplexity": dense_ppl, "perplexity": ppl,
         "stage_losses": report.stage_losses,
+        "update": report.update.settings if report.update else None,
+        "update_log": report.update.log if report.update else [],
         "compress_seconds": report.seconds, "wall_seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }

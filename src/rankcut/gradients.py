@@ -99,6 +99,8 @@ def calibration_gradients(
     model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int = 4,
     input_hooks: InputMomentHooks | None = None, checkpointing: bool | None = None,
     output_hooks: OutputMetricHooks | None = None,
+    fisher_rows: dict[str, torch.Tensor] | None = None,
+    weight_grads: bool = True,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Returns G = ∂L/∂W for each layer's weight (float32, CPU) and the loss L itself.
 
@@ -116,10 +118,15 @@ def calibration_gradients(
         checkpointing: recompute blocks in the backward pass; None decides by
             ``checkpointing_needed``.
         output_hooks: entered ``OutputMetricHooks`` fed after each batch's backward pass.
+        fisher_rows: when given, {name: float64 vector of m zeros} that receives, per batch,
+            the row sums of the squared batch gradient Σ_j (∂L_b/∂W_ij)² (FWSVD's Fisher
+            diagonal summed over each output row). Mutated.
+        weight_grads: False skips the loss backward pass (only the hooks' statistics and
+            the loss are wanted); the returned gradient dict is then empty.
     """
     device = next(model.parameters()).device
     sums = {name: torch.zeros(layer.weight.shape, dtype=torch.float32)
-            for name, layer in layers.items()}
+            for name, layer in layers.items() if weight_grads}
     total, count = 0.0, 0
     if checkpointing is None:
         checkpointing = checkpointing_needed(model, batch_size * ids.shape[1])
@@ -137,16 +144,22 @@ def calibration_gradients(
             for hooks in (input_hooks, output_hooks):
                 if hooks is not None:
                     hooks.active = False
-            loss.backward(retain_graph=output_hooks is not None)
+            if weight_grads:
+                loss.backward(retain_graph=output_hooks is not None)
             if output_hooks is not None:
                 output_hooks.accumulate(logits)
             del logits
-            for name, layer in layers.items():
-                sums[name] += layer.weight.grad.float().cpu()
-                layer.weight.grad = None
             total += loss.item()
             count += batch[:, 1:].numel()
-    return {name: s / count for name, s in sums.items()}, total / count
+            if not weight_grads:
+                continue
+            for name, layer in layers.items():
+                grad = layer.weight.grad.float().cpu()
+                sums[name] += grad
+                if fisher_rows is not None:
+                    fisher_rows[name] += grad.double().square().sum(1)
+                layer.weight.grad = None
+    return {name: s / count for name, s in sums.items() if weight_grads}, total / count
 
 
 def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:

@@ -30,16 +30,19 @@ class SecondMoment:
 
     Attributes:
         xx: Σ x xᵀ over all tokens seen, n×n float64.
+        abs_sum: Σ |x| over all tokens seen, n float64 (ASVD's channel scales).
         count: number of tokens seen.
     """
 
     xx: torch.Tensor
+    abs_sum: torch.Tensor
     count: int = 0
 
     @classmethod
     def zeros(cls, n: int, device: torch.device | str = "cpu") -> SecondMoment:
         """Returns empty statistics for inputs of dimension ``n``."""
-        return cls(xx=torch.zeros(n, n, dtype=torch.float64, device=device))
+        return cls(xx=torch.zeros(n, n, dtype=torch.float64, device=device),
+                   abs_sum=torch.zeros(n, dtype=torch.float64, device=device))
 
     def update(self, x: torch.Tensor, new_tokens: bool = True) -> None:
         """Adds a batch of vectors ``x`` (any leading shape, last dim n). Mutates self.
@@ -58,11 +61,13 @@ class SecondMoment:
             flat = flat.float()
             self.xx.add_(flat.T @ flat)
         if new_tokens:
+            self.abs_sum.add_(flat.abs().sum(0, dtype=torch.float64))
             self.count += flat.shape[0]
 
     def merge(self, other: SecondMoment) -> None:
         """Adds another accumulator's sums and counts into this one. Mutates self."""
         self.xx.add_(other.xx.to(self.xx.device))
+        self.abs_sum.add_(other.abs_sum.to(self.abs_sum.device))
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
@@ -70,6 +75,12 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
         return self.xx / self.count
+
+    def mean_abs(self) -> torch.Tensor:
+        """Returns mean |x| per input channel (float64). Raises ValueError when empty."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        return self.abs_sum / self.count
 
 
 @dataclass

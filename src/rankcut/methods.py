@@ -33,7 +33,10 @@ class MethodConfig:
     name: ClassVar[str] = ""
     needs_input_stats: ClassVar[bool] = False
     needs_output_stats: ClassVar[bool] = False
-    allocation: ClassVar[str] = "uniform"  # or "global": ranks chosen across the model
+    needs_row_fisher: ClassVar[bool] = False
+    # "uniform"; "global": ranks chosen across the model from loss gradients;
+    # "truncation-loss": per module type from each matrix's truncation loss (SVD-LLM v2)
+    allocation: ClassVar[str] = "uniform"
     ratio: float = 0.2
     sequential: bool = False
 
@@ -59,6 +62,61 @@ class SVDLLMConfig(MethodConfig):
 
     name: ClassVar[str] = "svd-llm"
     needs_input_stats: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class ASVDConfig(MethodConfig):
+    """ASVD: scale input channel j by s_j = (mean |x_j|)^α, truncate W·diag(s), unscale.
+
+    Attributes:
+        alpha: the exponent α (0 gives plain SVD).
+    """
+
+    name: ClassVar[str] = "asvd"
+    needs_input_stats: ClassVar[bool] = True
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 2.0:
+            raise ConfigError(f"alpha must be in [0, 2]; got {self.alpha!r}")
+
+
+@dataclass(frozen=True)
+class FWSVDConfig(MethodConfig):
+    """FWSVD: weight output row i by √I_i, I_i = Σ_batches Σ_j (∂L_b/∂W_ij)² (the Fisher
+    diagonal summed over the row), truncate diag(√I)·W, unscale; uniform ranks.
+
+    Attributes:
+        grad_samples: calibration samples used (None = all).
+        grad_batch_size: samples per gradient (1: per-sample Fisher, as in FWSVD).
+    """
+
+    name: ClassVar[str] = "fwsvd"
+    needs_row_fisher: ClassVar[bool] = True
+    grad_samples: int | None = None
+    grad_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grad_batch_size < 1 or (self.grad_samples is not None and self.grad_samples < 1):
+            raise ConfigError("grad_samples and grad_batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class SVDLLMV2Config(SVDLLMConfig):
+    """SVD-LLM v2: whitening by the symmetric eigen-root of R (no Cholesky), and
+    heterogeneous ranks per module type from each matrix's theoretical truncation loss,
+    repaired to the exact global budget (``allocation.loss_balanced_ranks``)."""
+
+    name: ClassVar[str] = "svd-llm-v2"
+    allocation: ClassVar[str] = "truncation-loss"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sequential:
+            raise ConfigError("svd-llm-v2 allocates ranks across the model and cannot run "
+                              "sequentially")
 
 
 @dataclass(frozen=True)
@@ -98,6 +156,11 @@ class ZeroSumConfig(SVDLLMConfig):
                 raise ConfigError(f"{key} must be at least 1; got {getattr(self, key)}")
         if self.grad_samples is not None and self.grad_samples < 1:
             raise ConfigError(f"grad_samples must be at least 1; got {self.grad_samples}")
+
+    @property
+    def needs_loss_gradients(self) -> bool:
+        """Whether the allocation reads G = ∂L/∂W (the component scores do)."""
+        return True
 
 
 #: Component scores of ``IOSVDConfig.score``.
@@ -143,8 +206,15 @@ class IOSVDConfig(ZeroSumConfig):
         if self.remap is not None and self.remap not in REMAPS:
             raise ConfigError(f"unknown remap {self.remap!r}; choose one of {', '.join(REMAPS)}")
 
-Decomposer = Callable[[MethodConfig, torch.Tensor, "linalg.SecondMoment | None",
-                       "linalg.SecondMoment | None"], linalg.Decomposition]
+    @property
+    def needs_loss_gradients(self) -> bool:
+        """The second-order score alone needs no G (nor does anything but a loss-aware
+        remap), which saves the weight-gradient backward pass."""
+        return self.score != "second" or self.remap == "loss-aware"
+
+# (config, weight, input statistics, output-side statistics: the KL metric for io-svd,
+# the row Fisher vector for fwsvd) -> decomposition
+Decomposer = Callable[[MethodConfig, torch.Tensor, Any, Any], linalg.Decomposition]
 Scorer = Callable[[MethodConfig, linalg.Decomposition, torch.Tensor], torch.Tensor]
 
 
@@ -174,6 +244,29 @@ def _svd_llm(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMo
     return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(inputs.mean()))
 
 
+def _asvd(config: ASVDConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
+          outputs: Any = None) -> linalg.Decomposition:
+    return linalg.decompose(weight, column_scale=_positive(inputs.mean_abs()) ** config.alpha)
+
+
+def _fwsvd(config: FWSVDConfig, weight: torch.Tensor, inputs: Any,
+           outputs: torch.Tensor | None) -> linalg.Decomposition:
+    return linalg.decompose(weight, row_scale=_positive(outputs).sqrt())
+
+
+def _positive(values: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
+    """Raises entries below ``floor``·max (dead channels, zero rows) to that floor."""
+    values = values.to(torch.float64)
+    if not torch.isfinite(values).all():
+        raise ValueError("statistics contain NaN or infinity (non-finite activations)")
+    return values.clamp_min(floor * float(values.max().clamp_min(1e-300)))
+
+
+def _svd_llm_v2(config: MethodConfig, weight: torch.Tensor,
+                inputs: linalg.SecondMoment | None, outputs: Any = None) -> linalg.Decomposition:
+    return linalg.decompose(weight, input_whitening=linalg.eigen_whitening(inputs.mean()))
+
+
 def _io_svd(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
             outputs: linalg.SecondMoment | None) -> linalg.Decomposition:
     return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(inputs.mean()),
@@ -190,6 +283,9 @@ def _io_svd_score(config: IOSVDConfig, decomposition: linalg.Decomposition,
 METHODS: dict[str, MethodSpec] = {
     SVDConfig.name: MethodSpec(SVDConfig, _plain_svd),
     SVDLLMConfig.name: MethodSpec(SVDLLMConfig, _svd_llm),
+    ASVDConfig.name: MethodSpec(ASVDConfig, _asvd),
+    FWSVDConfig.name: MethodSpec(FWSVDConfig, _fwsvd),
+    SVDLLMV2Config.name: MethodSpec(SVDLLMV2Config, _svd_llm_v2),
     ZeroSumConfig.name: MethodSpec(ZeroSumConfig, _svd_llm),
     IOSVDConfig.name: MethodSpec(IOSVDConfig, _io_svd, _io_svd_score),
 }

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UnsupportedModelError
+from .modules import LowRankLinear
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _is_rankcut_checkpoint(path: Path) -> bool:
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Finds the stack of decoder blocks: the longest ``nn.ModuleList`` whose every entry
-    contains ``nn.Linear`` layers.
+    contains ``nn.Linear`` layers (or, once compressed, ``LowRankLinear`` layers).
 
     Returns:
         (qualified name of the list, the list).
@@ -104,7 +105,8 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
+        if all(any(isinstance(m, (nn.Linear, LowRankLinear)) for m in block.modules())
+               for block in module):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:

@@ -118,6 +118,17 @@ class LowRankLinear(nn.Module):
         return {"rank": self.rank, "u_int8": self.u_int8, "v_int8": self.v_int8,
                 "v_int8_start": self.v_int8_start}
 
+    @property
+    def plan(self) -> RowPlan | None:
+        """The int8 rows as a plan that ``from_factors`` maps back to this layout (None when
+        the layer has no int8 rows)."""
+        if not (self.u_int8 or self.v_int8):
+            return None
+        index = torch.arange(self.rank)
+        start = self.v_int8_start
+        return RowPlan(u_int8=index < self.u_int8,
+                       v_int8=(index >= start) & (index < start + self.v_int8))
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (W_u [out, rank], W_v [rank, in]) in the layer's dtype, dequantized."""
         u, v = self.weight_u, self.weight_v

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import linalg
-from .allocation import global_select, kept_params, uniform_ranks
+from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
+from .blocks import accumulate_block_stats, capture_block_inputs, kwarg_sources, run_block
 from .errors import CalibrationError, ConfigError
 from .gradients import calibration_gradients, calibration_loss
 from .hooks import InputMomentHooks, OutputMetricHooks
@@ -33,6 +34,7 @@ from .hybrid import (
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
+from .update import UpdateConfig, UpdateReport, apply_update
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class CompressionReport:
     modules: list[ModuleResult] = field(default_factory=list)
     seconds: float = 0.0
     stage_losses: list[float] = field(default_factory=list)  # calibration loss after stage k
+    update: UpdateReport | None = None  # the parameter update run after truncation, if any
 
     @property
     def dense_params(self) -> int:
@@ -118,6 +121,7 @@ class CompressionReport:
             "achieved_byte_ratio": round(self.achieved_byte_ratio, 6),
             "rank_map": self.rank_map,
             "int8_layout": self.int8_layout,
+            "update": self.update.settings if self.update else None,
         }
 
 
@@ -129,6 +133,7 @@ def compress(
     exclude: list[str] | None = None,
     batch_size: int = 8,
     rank_map: dict[str, int | None] | None = None,
+    update: UpdateConfig | None = None,
 ) -> CompressionReport:
     """Compresses ``model`` in place with the method ``config`` names.
 
@@ -145,6 +150,8 @@ def compress(
         batch_size: calibration samples per forward pass.
         rank_map: {module: rank or None (dense)} to use instead of the method's allocation,
             e.g. one written by an earlier run.
+        update: a parameter update to run after truncation (``rankcut.update``: closed-form
+            refit or sequential LoRA), or None.
 
     Returns:
         The report (ranks, losses, achieved ratio, seconds).
@@ -161,16 +168,24 @@ def compress(
     start = time.perf_counter()
     if config.allocation == "global" and rank_map is None:
         _compress_globally(model, config, targets, calibration, batch_size, report)
+    elif config.allocation == "truncation-loss" and rank_map is None:
+        _compress_by_truncation_loss(model, config, targets, calibration, batch_size, report)
     else:
         shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
         ranks = rank_map if rank_map is not None else uniform_ranks(shapes, config.ratio)
-        _compress_block_by_block(model, config, targets, calibration, batch_size, ranks, report)
+        fisher = _row_fisher(model, config, targets, calibration) if config.needs_row_fisher else {}
+        _compress_block_by_block(model, config, targets, calibration, batch_size, ranks, report,
+                                 fisher)
+    if update is not None:
+        report.update = apply_update(model, update, targets, calibration, batch_size)
     report.seconds = time.perf_counter() - start
     model.config.quantization_config = report.quantization_config()
     return report
 
 
 def _check_inputs(model, config, targets, calibration, rank_map) -> None:
+    if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
+        raise CalibrationError(f"method {config.name!r} needs calibration token ids")
     if config.needs_input_stats:
         if calibration is None or calibration.numel() == 0:
             raise CalibrationError(f"method {config.name!r} needs calibration token ids")
@@ -187,14 +202,45 @@ def _check_inputs(model, config, targets, calibration, rank_map) -> None:
 
 
 def _compress_block_by_block(model, config, targets, calibration, batch_size, ranks,
-                             report: CompressionReport) -> None:
+                             report: CompressionReport, outputs: dict | None = None) -> None:
     spec = method_spec(config.name)
+    outputs = outputs or {}
     with torch.no_grad():
         for names, stats in _block_groups(model, config, targets, calibration, batch_size):
             for name in names:
                 layer = targets[name]
-                decomposition = spec.decompose(config, layer.weight, stats.get(name), None)
+                decomposition = spec.decompose(config, layer.weight, stats.get(name),
+                                               outputs.get(name))
                 report.modules.append(_apply_rank(model, name, layer, decomposition, ranks[name]))
+
+
+def _row_fisher(model, config, targets, calibration) -> dict[str, torch.Tensor]:
+    """FWSVD's statistics: per output row, Σ over gradient batches of Σ_j (∂L_b/∂W_ij)²."""
+    fisher = {name: torch.zeros(layer.out_features, dtype=torch.float64)
+              for name, layer in targets.items()}
+    calibration_gradients(model, targets, calibration[: config.grad_samples],
+                          config.grad_batch_size, fisher_rows=fisher)
+    return fisher
+
+
+def _compress_by_truncation_loss(model, config, targets, calibration, batch_size,
+                                 report: CompressionReport) -> None:
+    """Decomposes every module (block by block), allocates ranks per module type from
+    the truncation losses (SVD-LLM v2), then applies them."""
+    spec = method_spec(config.name)
+    decompositions, tokens = {}, 0
+    with torch.no_grad():
+        for names, stats in _block_groups(model, config, targets, calibration, batch_size):
+            for name in names:
+                decompositions[name] = spec.decompose(config, targets[name].weight,
+                                                      stats[name], None)
+                tokens = stats[name].count
+        shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
+        ranks = loss_balanced_ranks(shapes, {n: d.sigma for n, d in decompositions.items()},
+                                    config.ratio, tokens)
+        for name, layer in targets.items():
+            report.modules.append(_apply_rank(model, name, layer, decompositions.pop(name),
+                                              ranks[name]))
 
 
 def _compress_globally(model, config, targets, calibration, batch_size,
@@ -237,7 +283,8 @@ def _global_statistics(model, config, targets, calibration, grad_ids, batch_size
     with InputMomentHooks(targets if shared else {}) as hooks, outputs or contextlib.nullcontext():
         grads, loss = calibration_gradients(
             model, targets, grad_ids, config.grad_batch_size, checkpointing=config.checkpointing,
-            input_hooks=hooks if shared else None, output_hooks=outputs)
+            input_hooks=hooks if shared else None, output_hooks=outputs,
+            weight_grads=config.needs_loss_gradients)
     logger.info("calibration loss of the original model: %.4f", loss)
     decompositions, scores = {}, {}
     groups = ([(list(targets), hooks.stats)] if shared else
@@ -247,7 +294,7 @@ def _global_statistics(model, config, targets, calibration, grad_ids, batch_size
             for name in tqdm(names, desc="decompose", unit="module", disable=not shared):
                 decompositions[name] = spec.decompose(config, targets[name].weight, stats[name],
                                                       outputs and outputs.stats[name])
-                scores[name] = spec.score(config, decompositions[name], grads[name])
+                scores[name] = spec.score(config, decompositions[name], grads.get(name))
     return grads, decompositions, scores
 
 
@@ -407,105 +454,6 @@ def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
                     "dense" if rank is None else rank, extra, loss, result.relative_loss,
                     result.seconds)
     return result
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
-
-
-Batch = tuple[torch.Tensor, dict[int, dict]]
-
-
-def kwarg_sources(model: nn.Module, count: int) -> list[int]:
-    """For each decoder block, the first block of the same attention type.
-
-    Models that mix attention types (Gemma 3's sliding and full layers, per
-    ``config.layer_types``) hand each type its own mask and position embeddings; a block
-    replays the keyword arguments captured at the first block of its type.
-    """
-    config = model.config.get_text_config() if hasattr(model, "config") else None
-    types = getattr(config, "layer_types", None)
-    if not types or len(types) != count:
-        return [0] * count
-    first: dict[str, int] = {}
-    return [first.setdefault(kind, i) for i, kind in enumerate(types)]
-
-
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
-                         batch_size: int) -> list[Batch]:
-    """Runs the model up to the first decoder block and records that block's inputs.
-
-    Returns:
-        One (hidden_states, {source block: keyword arguments}) pair per batch of
-        ``batch_size`` samples. The keyword arguments (attention mask, position embeddings,
-        ...) are the ones the model passed to the first block of each attention type
-        (see ``kwarg_sources``); the forward pass stops once all of them are recorded.
-    """
-    sources = sorted(set(kwarg_sources(model, len(blocks))))
-    captured: list[Batch] = []
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kwargs.pop("hidden_states", None)
-            if index == 0:
-                captured.append((hidden.detach(), {}))
-            captured[-1][1][index] = kwargs
-            if index == sources[-1]:
-                raise _StopForward
-
-        return hook
-
-    device = next(model.parameters()).device
-    handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True)
-               for i in sources]
-    try:
-        with torch.no_grad():
-            for batch in ids.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def run_block(block: nn.Module, inputs: list[Batch], source: int = 0) -> list[Batch]:
-    """Runs one decoder block on every captured batch; returns the next block's inputs.
-
-    Args:
-        block: the decoder block.
-        inputs: (hidden states, keyword arguments by source block) per batch.
-        source: which captured keyword arguments this block replays.
-    """
-    outputs = []
-    for hidden, kwargs in inputs:
-        out = block(hidden, **kwargs[source])
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append((out, kwargs))
-    return outputs
-
-
-def accumulate_block_stats(block: nn.Module, names: list[str], targets: dict[str, nn.Linear],
-                           inputs: list[Batch], source: int = 0
-                           ) -> tuple[dict[str, linalg.SecondMoment], list]:
-    """Runs a block with hooks that accumulate each target layer's input second moment.
-
-    Returns:
-        ({module name: statistics}, the block's outputs on every batch).
-
-    Raises:
-        CalibrationError: a target layer received NaN or infinite activations.
-    """
-    outputs = []
-    with InputMomentHooks({name: targets[name] for name in names}) as hooks:
-        for batch in inputs:
-            hooks.new_batch()
-            outputs.extend(run_block(block, [batch], source))
-    return hooks.stats, outputs
 
 
 def to_dense(model: nn.Module) -> nn.Module:

@@ -1,0 +1,383 @@
+"""SVD-LLM's parameter update after truncation, usable after any method.
+
+Two stages, each with a frozen config dataclass:
+
+* ``refit``: layer by layer, the compressed model's own activations are fed to each
+  factorized layer and W_u is re-solved in closed form (W_v fixed) so the layer's outputs
+  match the original layer's outputs on the original activations.
+* ``lora``: sequential low-rank fine-tuning with ``peft``: LoRA on every W_u (W_v frozen),
+  merge; then on every W_v (W_u frozen), merge.
+
+Both keep ranks and int8 layouts; int8 rows are quantized again from the updated factors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import linalg
+from .blocks import capture_block_inputs, kwarg_sources, run_block
+from .errors import ConfigError
+from .models import block_index, find_decoder_blocks
+from .modules import LowRankLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """Closed-form refit of W_u on the compressed model's activations.
+
+    Attributes:
+        damping: ridge λ, relative to the mean diagonal of the rank-space second moment.
+    """
+
+    name: ClassVar[str] = "refit"
+    damping: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.damping < 1.0:
+            raise ConfigError(f"refit damping must be in [0, 1); got {self.damping!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the stage name and settings as a JSON-ready dict."""
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class LoRAUpdateConfig:
+    """Sequential LoRA: W_u first (W_v frozen), merge, then W_v (W_u frozen), merge.
+
+    Attributes:
+        rank: LoRA rank.
+        alpha: LoRA scaling numerator (the update is scaled by alpha / rank).
+        steps: optimizer steps per stage (two stages).
+        batch_size: calibration samples per step, drawn with a seeded generator.
+        lr: AdamW learning rate.
+        seed: seed of the LoRA initialization and of the batch draws.
+    """
+
+    name: ClassVar[str] = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 20
+    batch_size: int = 4
+    lr: float = 3e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("rank", "steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"lora {key} must be at least 1; got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lora lr must be positive; got {self.lr!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the stage name and settings as a JSON-ready dict."""
+        return {"name": self.name, **asdict(self)}
+
+
+UpdateConfig = RefitConfig | LoRAUpdateConfig
+UPDATES: dict[str, type] = {RefitConfig.name: RefitConfig, LoRAUpdateConfig.name: LoRAUpdateConfig}
+
+
+def make_update(name: str | None, **settings: Any) -> UpdateConfig | None:
+    """Builds the update config called ``name`` (None or ``"none"``: no update).
+
+    Raises:
+        ConfigError: unknown update or setting, or a value out of range.
+    """
+    if name in (None, "none"):
+        return None
+    if name not in UPDATES:
+        raise ConfigError(f"unknown update {name!r}; choose one of none, {', '.join(UPDATES)}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    try:
+        return UPDATES[name](**given)
+    except TypeError as exc:
+        raise ConfigError(f"update {name!r}: {exc}") from None
+
+
+@dataclass
+class UpdateReport:
+    """What an update did: refit errors per module, or the LoRA loss curve."""
+
+    settings: dict
+    log: list[dict] = field(default_factory=list)
+
+
+def apply_update(model: nn.Module, config: UpdateConfig, originals: dict[str, nn.Linear],
+                 calibration: torch.Tensor, batch_size: int = 8) -> UpdateReport:
+    """Runs ``config``'s update on every ``LowRankLinear`` of ``model``, in place.
+
+    Args:
+        model: the compressed model.
+        config: ``RefitConfig`` or ``LoRAUpdateConfig``.
+        originals: {module name: the original dense layer} (refit's targets).
+        calibration: [num_samples, seqlen] token ids.
+        batch_size: samples per forward pass (refit).
+    """
+    if calibration is None or calibration.numel() == 0:
+        raise ConfigError(f"the {config.name} update needs calibration token ids")
+    if isinstance(config, RefitConfig):
+        log = refit(model, originals, calibration, batch_size, config)
+    else:
+        log = lora_update(model, calibration, config)
+    return UpdateReport(config.settings(), log)
+
+
+# ---------------------------------------------------------------- closed-form refit
+
+
+@dataclass
+class PairedMoments:
+    """Second moments of a layer's original inputs x_o and compressed-model inputs x_c.
+
+    Attributes:
+        oo: Σ x_o x_oᵀ; oc: Σ x_o x_cᵀ; cc: Σ x_c x_cᵀ (n×n float64); count: tokens.
+    """
+
+    oo: torch.Tensor
+    oc: torch.Tensor
+    cc: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, n: int) -> PairedMoments:
+        """Empty moments for inputs of dimension ``n``."""
+        return cls(*(torch.zeros(n, n, dtype=torch.float64) for _ in range(3)))
+
+    def update(self, x_o: torch.Tensor, x_c: torch.Tensor) -> None:
+        """Adds one batch of paired inputs (same tokens). Mutates self."""
+        o = x_o.reshape(-1, x_o.shape[-1]).float().cpu()
+        c = x_c.reshape(-1, x_c.shape[-1]).float().cpu()
+        self.oo.add_(o.T @ o)
+        self.oc.add_(o.T @ c)
+        self.cc.add_(c.T @ c)
+        self.count += o.shape[0]
+
+
+def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
+                 moments: PairedMoments, damping: float = 1e-6
+                 ) -> tuple[torch.Tensor, float, float]:
+    """Solves min_U Σ‖W x_o − U W_v x_c‖² in float64 (ridge λ·mean diag), W_v fixed.
+
+    With A = W_v Σcc W_vᵀ and B = W Σoc W_vᵀ the solution is U = B (A + λI)⁻¹. The
+    error of a U is tr(W Σoo Wᵀ) − 2⟨U, B⟩ + ⟨U A, U⟩; the refit is kept only when it
+    is not larger than the error of the current W_u, so it never increases the error.
+
+    Returns:
+        (the new W_u, or the given one when the refit would not lower the error, the mean
+        error per token before, after). Pure.
+    """
+    w, u, v = (t.detach().to(torch.float64).cpu() for t in (weight, w_u, w_v))
+    n = max(1, moments.count)
+    a = v @ (moments.cc / n) @ v.T
+    b = w @ (moments.oc / n) @ v.T
+    base = float(torch.einsum("ij,jk,ik->", w, moments.oo / n, w))
+
+    def error(candidate: torch.Tensor) -> float:
+        return base - 2 * float((candidate * b).sum()) + float(((candidate @ a) * candidate).sum())
+
+    lam = damping * float(a.diagonal().mean().clamp_min(1e-300))
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    chol, info = torch.linalg.cholesky_ex(a + lam * eye)
+    if info.item() != 0:
+        solution = torch.linalg.lstsq(a + lam * eye, b.T).solution.T
+    else:
+        solution = torch.cholesky_solve(b.T, chol).T
+    before, after = error(u), error(solution)
+    if not torch.isfinite(solution).all() or after > before:
+        return w_u, before, before
+    return solution, before, after
+
+
+def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.Tensor,
+          batch_size: int, config: RefitConfig) -> list[dict]:
+    """Refits W_u of every factorized layer, block by block. Mutates ``model``.
+
+    Each block sees two streams: the original model's activations (the block run with the
+    ``originals`` swapped in) and the compressed model's (already refitted blocks before
+    it). A layer's target is the original layer's output on the original stream; its
+    input is the compressed stream.
+
+    Returns:
+        One {module, error_before, error_after, relative_after} entry per refitted layer.
+    """
+    prefix, blocks = find_decoder_blocks(model)
+    factored = {name: module for name, module in model.named_modules()
+                if isinstance(module, LowRankLinear) and name in originals}
+    by_block: dict[int, list[str]] = {}
+    for name in factored:
+        by_block.setdefault(block_index(name, prefix), []).append(name)
+    sources = kwarg_sources(model, len(blocks))
+    log = []
+    with torch.no_grad():
+        original = compressed = capture_block_inputs(model, blocks, calibration, batch_size)
+        for index in tqdm(range(len(blocks)), desc="refit blocks", unit="block"):
+            block, source, names = blocks[index], sources[index], by_block.get(index, [])
+            moments, next_original = _paired_moments(model, block, names, originals, factored,
+                                                     original, compressed, source)
+            for name in names:
+                log.append(_refit_layer(model, name, originals[name], moments[name], config))
+                factored[name] = model.get_submodule(name)
+            compressed = run_block(block, compressed, source)
+            original = next_original
+    return log
+
+
+def _paired_moments(model, block, names, originals, factored, original, compressed, source):
+    """Runs ``block`` on both streams batch by batch with hooks pairing each layer's inputs.
+
+    Returns:
+        ({module: PairedMoments}, the block's outputs on the original stream).
+    """
+    moments = {name: PairedMoments.zeros(originals[name].in_features) for name in names}
+    seen: dict[str, torch.Tensor] = {}
+    pairing = {"original": True}
+
+    def hook(name):
+        def record(module, args, output):
+            if pairing["original"]:
+                seen[name] = args[0].detach()
+            else:
+                moments[name].update(seen[name], args[0].detach())
+        return record
+
+    layers = {name: (originals[name], factored[name]) for name in names}
+    handles = [layer.register_forward_hook(hook(name))
+               for name, pair in layers.items() for layer in pair]
+    outputs = []
+    try:
+        for batch_o, batch_c in zip(original, compressed, strict=True):
+            pairing["original"] = True
+            _swap(model, {name: pair[0] for name, pair in layers.items()})
+            outputs.extend(run_block(block, [batch_o], source))
+            pairing["original"] = False
+            _swap(model, {name: pair[1] for name, pair in layers.items()})
+            run_block(block, [batch_c], source)
+            seen.clear()
+    finally:
+        _swap(model, {name: pair[1] for name, pair in layers.items()})
+        for handle in handles:
+            handle.remove()
+    return moments, outputs
+
+
+def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        model.set_submodule(name, module)
+
+
+def _refit_layer(model, name, original: nn.Linear, moments: PairedMoments,
+                 config: RefitConfig) -> dict:
+    """Refits one layer's W_u and swaps the rebuilt layer in; returns its log entry."""
+    layer: LowRankLinear = model.get_submodule(name)
+    w_u, w_v = layer.factors()
+    new_u, before, after = refit_factor(original.weight, w_u, w_v, moments, config.damping)
+    if new_u is not w_u:
+        rebuilt = LowRankLinear.from_factors(new_u, w_v, layer.bias, dtype=w_u.dtype,
+                                             plan=layer.plan)
+        model.set_submodule(name, rebuilt.to(w_u.device))
+    scale = max(linalg.reconstruction_error(original.weight, torch.zeros_like(original.weight),
+                                            moments.oo / max(1, moments.count)), 1e-300)
+    logger.info("refit %s: error %.4g -> %.4g (relative %.4f)", name, before, after,
+                after / scale)
+    return {"module": name, "error_before": before, "error_after": after,
+            "relative_after": after / scale}
+
+
+# ---------------------------------------------------------------- sequential LoRA
+
+
+def lora_update(model: nn.Module, calibration: torch.Tensor,
+                config: LoRAUpdateConfig) -> list[dict]:
+    """Sequential LoRA on the factors of every ``LowRankLinear`` (peft). Mutates ``model``.
+
+    Each factorized layer is temporarily an ``nn.Sequential(W_v, W_u)`` of two linears;
+    stage ``u`` trains LoRA adapters on every W_u (everything else frozen) and merges them,
+    stage ``v`` does the same for every W_v. Batches are drawn from ``calibration`` with a
+    seeded generator; the mean next-token loss of every step is logged. Parameter
+    ``requires_grad`` flags and the global RNG state are restored afterwards.
+
+    Returns:
+        One {stage, step, loss} entry per optimizer step.
+    """
+    factored = {name: module for name, module in model.named_modules()
+                if isinstance(module, LowRankLinear)}
+    if not factored:
+        raise ConfigError("the lora update needs a compressed model (no low-rank layers)")
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for name, module in factored.items():
+        model.set_submodule(name, _as_pair(module))
+    log: list[dict] = []
+    try:
+        for number, (stage, index) in enumerate((("u", 1), ("v", 0))):
+            targets = [f"{name}.{index}" for name in factored]
+            log += _train_stage(model, targets, calibration, config, stage, number)
+    finally:
+        for name, module in factored.items():
+            pair = model.get_submodule(name)
+            if isinstance(pair, nn.Sequential):
+                model.set_submodule(name, LowRankLinear.from_factors(
+                    pair[1].weight.detach(), pair[0].weight.detach(), module.bias,
+                    dtype=module.weight_u.dtype, plan=module.plan).to(module.weight_u.device))
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return log
+
+
+def _as_pair(layer: LowRankLinear) -> nn.Sequential:
+    """W_u W_v as two plain linears (dequantized, float32 for training)."""
+    w_u, w_v = layer.factors()
+    # built on the meta device, then filled: no random initialization, no RNG consumed
+    down = nn.Linear(layer.in_features, layer.rank, bias=False, device="meta")
+    up = nn.Linear(layer.rank, layer.out_features, bias=layer.bias is not None, device="meta")
+    down, up = down.to_empty(device=w_v.device), up.to_empty(device=w_u.device)
+    with torch.no_grad():
+        down.weight.copy_(w_v.float())
+        up.weight.copy_(w_u.float())
+        if layer.bias is not None:
+            up.bias.copy_(layer.bias.float())
+    return nn.Sequential(down, up)
+
+
+def _train_stage(model, targets, ids, config: LoRAUpdateConfig, stage: str,
+                 number: int) -> list[dict]:
+    """Injects LoRA adapters on ``targets``, trains them, merges them into the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    device = next(model.parameters()).device
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                      target_modules=targets, bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + number)
+        wrapped = get_peft_model(model, lora)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    draws = torch.Generator().manual_seed(config.seed * 1000 + number)
+    log = []
+    for step in tqdm(range(config.steps), desc=f"lora {stage}", unit="step"):
+        batch = ids[torch.randint(ids.shape[0], (config.batch_size,), generator=draws)]
+        batch = batch.to(device)
+        loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise ConfigError(f"lora stage {stage}: loss became non-finite at step {step}; "
+                              "lower --lora-lr")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        log.append({"stage": stage, "step": step, "loss": value})
+        logger.info("lora %s step %d/%d: loss %.4f", stage, step + 1, config.steps, value)
+    with torch.no_grad():
+        merged = wrapped.merge_and_unload()
+    if merged is not model:
+        raise RuntimeError("peft returned a different model object after merging")
+    return log

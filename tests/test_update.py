@@ -1,0 +1,151 @@
+"""SVD-LLM's parameter update: closed-form refit of W_u and sequential LoRA (peft)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.errors import ConfigError
+from rankcut.methods import make_config
+from rankcut.modules import LowRankLinear
+from rankcut.update import (
+    LoRAUpdateConfig,
+    PairedMoments,
+    RefitConfig,
+    make_update,
+    refit_factor,
+)
+
+from .conftest import tiny_model, tiny_tokenizer
+from .test_cli import _compress
+
+
+def _problem(seed: int, m=10, n=16, r=4, tokens=400):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x_o = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    x_c = x_o + 0.3 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    moments = PairedMoments.zeros(n)
+    moments.oo += x_o.T @ x_o
+    moments.oc += x_o.T @ x_c
+    moments.cc += x_c.T @ x_c
+    moments.count = tokens
+    u, s, vh = torch.linalg.svd(w)
+    return w, u[:, :r] * s[:r], vh[:r], moments, x_o, x_c
+
+
+def _error(w, w_u, w_v, x_o, x_c):
+    return float((x_o @ w.T - x_c @ (w_u @ w_v).T).square().sum(1).mean())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_refit_never_increases_the_layer_error(seed):
+    w, w_u, w_v, moments, x_o, x_c = _problem(seed)
+    new_u, before, after = refit_factor(w, w_u, w_v, moments)
+    assert before == pytest.approx(_error(w, w_u, w_v, x_o, x_c), rel=1e-9)
+    assert after == pytest.approx(_error(w, new_u, w_v, x_o, x_c), rel=1e-9)
+    assert after < before  # the SVD factors are not optimal on shifted inputs
+    # refitting the refit changes nothing: it is already the least-squares optimum
+    again, before2, after2 = refit_factor(w, new_u, w_v, moments)
+    assert after2 <= before2 + 1e-12 and before2 == pytest.approx(after, rel=1e-9)
+
+
+def test_refit_keeps_the_old_factor_when_the_solution_is_worse():
+    w, w_u, w_v, moments, *_ = _problem(0)
+    optimum, _, best = refit_factor(w, w_u, w_v, moments, damping=0.0)
+    # a huge ridge pulls the solution towards zero, far from the optimum already held
+    kept, before, after = refit_factor(w, optimum, w_v, moments, damping=0.9)
+    assert kept is optimum and after == before == pytest.approx(best, rel=1e-9)
+
+
+def test_refit_update_on_a_tiny_model(calib_ids):
+    model, plain = tiny_model("llama"), tiny_model("llama")
+    with torch.no_grad():
+        reference = tiny_model("llama")(input_ids=calib_ids).logits
+    rankcut.compress(plain, make_config("svd-llm", ratio=0.5), calib_ids)
+    report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids,
+                              update=RefitConfig())
+    log = report.update.log
+    assert len(log) == sum(isinstance(m, LowRankLinear) for m in model.modules()) > 0
+    assert all(e["error_after"] <= e["error_before"] for e in log)
+    assert any(e["error_after"] < 0.999 * e["error_before"] for e in log)
+    assert report.rank_map == {m.name: m.rank for m in report.modules}
+    assert model.config.quantization_config["update"]["name"] == "refit"
+    with torch.no_grad():  # the refitted model's outputs are closer to the original's
+        gaps = [(m(input_ids=calib_ids).logits - reference).square().mean() for m in (model, plain)]
+    assert gaps[0] < gaps[1]
+
+
+def test_plan_round_trip_keeps_int8_layout():
+    from rankcut.hybrid import RowPlan
+
+    torch.manual_seed(0)
+    u, v = torch.randn(12, 6), torch.randn(6, 10)
+    plan = RowPlan(u_int8=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool),
+                   v_int8=torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool))
+    layer = LowRankLinear.from_factors(u, v, plan=plan)
+    rebuilt = LowRankLinear.from_factors(*layer.factors(), plan=layer.plan)
+    assert rebuilt.layout == layer.layout
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, rebuilt.state_dict()[key]), key
+
+
+def _lora(calib_ids, seed=0):
+    model = tiny_model("llama")
+    update = LoRAUpdateConfig(rank=2, steps=3, batch_size=2, lr=1e-2, seed=seed)
+    report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids, update=update)
+    return model, report
+
+
+def test_lora_trains_both_factors_and_keeps_the_layout(calib_ids, tmp_path):
+    before = tiny_model("llama")
+    rankcut.compress(before, make_config("svd-llm", ratio=0.5), calib_ids)
+    state = torch.random.get_rng_state()
+    model, report = _lora(calib_ids)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+    assert [(e["stage"], e["step"]) for e in report.update.log] == [
+        ("u", 0), ("u", 1), ("u", 2), ("v", 0), ("v", 1), ("v", 2)]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in report.update.log)
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    reference = dict(before.named_modules())
+    assert lowrank and all(m.rank == reference[n].rank for n, m in lowrank.items())
+    changed_u = any(not torch.equal(m.weight_u, reference[n].weight_u) for n, m in lowrank.items())
+    changed_v = any(not torch.equal(m.weight_v, reference[n].weight_v) for n, m in lowrank.items())
+    assert changed_u and changed_v
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    out = rankcut.save_pretrained(model, tmp_path / "lora", tiny_tokenizer())
+    reloaded, _ = rankcut.load_model(out)
+    ids = calib_ids[:2, :16]
+    assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_lora_is_deterministic(calib_ids):
+    a, _ = _lora(calib_ids)
+    b, _ = _lora(calib_ids)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_update_settings_are_validated():
+    assert make_update("none") is None
+    with pytest.raises(ConfigError, match="unknown update"):
+        make_update("sgd")
+    with pytest.raises(ConfigError, match="at least 1"):
+        make_update("lora", steps=0)
+    with pytest.raises(ConfigError, match="lr"):
+        make_update("lora", lr=-1.0)
+
+
+def test_cli_update_refit_and_lora_flags(model_dir, calib_file, tmp_path, capsys):
+    run = tmp_path / "run.json"
+    assert _compress(model_dir, calib_file, tmp_path / "o", "--method", "svd-llm",
+                     "--update", "refit", "--json", str(run)) == 0
+    figures = json.loads(run.read_text())
+    assert figures["update"]["name"] == "refit" and figures["update_log"]
+    assert _compress(model_dir, calib_file, tmp_path / "o2", "--method", "svd-llm",
+                     "--lora-steps", "3") == 2
+    assert "--update lora" in capsys.readouterr().err
