@@ -87,6 +87,20 @@ def test_load_text_hf_failure_suggests_calib_file(monkeypatch: pytest.MonkeyPatc
         data.load_text("c4")
 
 
+def test_alpaca_rows_become_instruction_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Add.", "input": "2 and 3", "output": "5"}]
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(name, split):
+            assert (name, split) == ("yahma/alpaca-cleaned", "train")
+            return rows
+
+    monkeypatch.setattr(data.importlib, "import_module", lambda name: FakeDatasets)
+    assert data.load_text("alpaca") == "Name a colour.\nBlue.\n\nAdd.\n2 and 3\n5"
+
+
 # --- data.calibration_batch / eval_token_ids -------------------------------------------------
 
 

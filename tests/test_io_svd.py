@@ -139,8 +139,9 @@ def test_output_metric_is_the_same_with_checkpointing_and_without_weight_gradien
 
 def test_second_order_score_alone_skips_the_loss_gradient():
     make = rankcut.make_config
-    assert make("io-svd").needs_loss_gradients
-    assert not make("io-svd", score="second").needs_loss_gradients
+    assert not make("io-svd").needs_loss_gradients  # default score: second
+    assert make("io-svd", score="both").needs_loss_gradients
+    assert make("io-svd", score="first").needs_loss_gradients
     assert make("io-svd", score="second", remap="loss-aware").needs_loss_gradients
     assert make("zero-sum").needs_loss_gradients
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rankcut
+from rankcut.cli import main
 from rankcut.errors import ConfigError
 from rankcut.methods import make_config
 from rankcut.modules import LowRankLinear
@@ -146,6 +147,9 @@ def test_cli_update_refit_and_lora_flags(model_dir, calib_file, tmp_path, capsys
                      "--update", "refit", "--json", str(run)) == 0
     figures = json.loads(run.read_text())
     assert figures["update"]["name"] == "refit" and figures["update_log"]
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "o")]) == 0
+    assert '"name": "refit"' in capsys.readouterr().out.split("parameter update: ")[1]
     assert _compress(model_dir, calib_file, tmp_path / "o2", "--method", "svd-llm",
                      "--lora-steps", "3") == 2
     assert "--update lora" in capsys.readouterr().err

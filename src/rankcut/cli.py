@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     c.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of target-layer parameters to remove, in (0, 1)")
-    c.add_argument("--calib", default="wiki", help="wiki | wikitext2 | c4 | ptb")
+    c.add_argument("--calib", default="wiki", help="wiki | wikitext2 | c4 | ptb | alpaca")
     c.add_argument("--calib-file", default=None, help="local .txt or .jsonl calibration text")
     c.add_argument("--num-samples", type=int, default=64)
     c.add_argument("--seqlen", type=int, default=512)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: K backward passes per batch; sample: one (io-svd; default)")
     c.add_argument("--score", default=None, choices=["first", "second", "both"],
                    help="component score: first-order loss, second-order KL, or their sum "
-                        "(io-svd; default both)")
+                        "(io-svd; default second)")
     c.add_argument("--alpha", type=float, default=None,
                    help="exponent of the input-channel scales (asvd; default 0.5)")
     c.add_argument("--update", default="none", choices=["none", "refit", "lora"],
@@ -228,6 +228,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     entry = validate_checkpoint(args.path)
     print(f"method: {entry['method']}  settings: {json.dumps(entry.get('settings', {}))}")
+    if entry.get("update"):
+        print(f"parameter update: {json.dumps(entry['update'])}")
     print(f"target ratio: {entry.get('target_ratio')}  achieved: {entry.get('achieved_ratio')}"
           f"  achieved in bytes: {entry.get('achieved_byte_ratio', '-')}")
     stored = bytes_by_dtype(args.path)

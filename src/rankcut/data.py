@@ -15,8 +15,10 @@ from rankcut.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-# name -> (load_dataset positional args, {part: load_dataset kwargs}, text column, joiner)
-HF_DATASETS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]], str, str]] = {
+# name -> (load_dataset positional args, {part: load_dataset kwargs}, text column(s), joiner);
+# with several columns, each row's non-empty fields are joined by newlines
+HF_DATASETS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]],
+                             str | tuple[str, ...], str]] = {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"),
                   {"calib": {"split": "train"}, "test": {"split": "test"}}, "text", "\n\n"),
     "c4": (("allenai/c4",),
@@ -24,6 +26,9 @@ HF_DATASETS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]], str, st
                    "split": "validation"} for part in WIKI_PARTS}, "text", "\n\n"),
     "ptb": (("ptb_text_only", "penn_treebank"),
             {"calib": {"split": "train"}, "test": {"split": "test"}}, "sentence", "\n\n"),
+    # instruction data for the LoRA update (train split only: both parts read it)
+    "alpaca": (("yahma/alpaca-cleaned",), {part: {"split": "train"} for part in WIKI_PARTS},
+               ("instruction", "input", "output"), "\n\n"),
 }
 SOURCES = ("wiki", *HF_DATASETS, "<file>.txt", "<file>.jsonl")
 
@@ -61,7 +66,9 @@ def _load_hf(name: str, part: str) -> str:
     logger.info("loading dataset %s (%s) from the Hugging Face hub", name, part)
     try:
         datasets = importlib.import_module("datasets")
-        rows = datasets.load_dataset(*args, **kwargs[part])[column]
+        table = datasets.load_dataset(*args, **kwargs[part])
+        rows = (table[column] if isinstance(column, str) else
+                ["\n".join(row[c] for c in column if row[c]) for row in table])
     except Exception as exc:  # ImportError, network errors, missing configs, ...
         raise CalibrationError(
             f"dataset {name!r} could not be fetched ({type(exc).__name__}: {exc}); "
