@@ -80,6 +80,34 @@ def test_refit_update_on_a_tiny_model(calib_ids):
     assert gaps[0] < gaps[1]
 
 
+def _layer_outputs(model, names, ids):
+    outputs, handles = {}, []
+    for name in names:
+        def keep(module, args, output, name=name):
+            outputs[name] = output.detach().double()
+        handles.append(model.get_submodule(name).register_forward_hook(keep))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def test_refit_errors_are_those_of_the_final_model(calib_ids):
+    """Each layer is refitted on the inputs it really gets once the layers before it (in
+    its own block too: q/k/v before o_proj, gate/up before down_proj) are refitted."""
+    model = tiny_model("llama")
+    report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids,
+                              update=RefitConfig())
+    names = [entry["module"] for entry in report.update.log]
+    wanted = _layer_outputs(tiny_model("llama"), names, calib_ids)
+    got = _layer_outputs(model, names, calib_ids)
+    for entry in report.update.log:
+        name = entry["module"]
+        error = (wanted[name] - got[name]).square().sum(-1).mean().item()
+        assert error == pytest.approx(entry["error_after"], rel=2e-3, abs=1e-7), name
+
+
 def test_plan_round_trip_keeps_int8_layout():
     from rankcut.hybrid import RowPlan
 

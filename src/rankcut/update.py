@@ -200,12 +200,16 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
 
 def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.Tensor,
           batch_size: int, config: RefitConfig) -> list[dict]:
-    """Refits W_u of every factorized layer, block by block. Mutates ``model``.
+    """Refits W_u of every factorized layer, block by block, in forward order. Mutates
+    ``model``.
 
     Each block sees two streams: the original model's activations (the block run with the
-    ``originals`` swapped in) and the compressed model's (already refitted blocks before
-    it). A layer's target is the original layer's output on the original stream; its
-    input is the compressed stream.
+    ``originals`` swapped in) and the compressed model's. A layer's target is the original
+    layer's output on the original stream; its input is the compressed stream *after* the
+    layers before it (earlier blocks, and earlier layers of its own block such as q/k/v
+    before o_proj) were refitted. Layers that read the same input (q/k/v, gate/up) are
+    refitted together from one pass. Memory: the original inputs of one block's layers
+    for all calibration tokens.
 
     Returns:
         One {module, error_before, error_after, relative_after} entry per refitted layer.
@@ -222,52 +226,78 @@ def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.
         original = compressed = capture_block_inputs(model, blocks, calibration, batch_size)
         for index in tqdm(range(len(blocks)), desc="refit blocks", unit="block"):
             block, source, names = blocks[index], sources[index], by_block.get(index, [])
-            moments, next_original = _paired_moments(model, block, names, originals, factored,
-                                                     original, compressed, source)
-            for name in names:
-                log.append(_refit_layer(model, name, originals[name], moments[name], config))
-                factored[name] = model.get_submodule(name)
+            layers = {name: originals[name] for name in names}
+            _swap(model, layers)
+            try:
+                seen, groups, next_original = _record_inputs(block, layers, original, source)
+            finally:
+                _swap(model, {name: factored[name] for name in names})
+            for group in groups:
+                moments = _paired_moments(block, {n: factored[n] for n in group}, seen,
+                                          compressed, source)
+                for name in group:
+                    log.append(_refit_layer(model, name, originals[name], moments[name], config))
+                    factored[name] = model.get_submodule(name)
             compressed = run_block(block, compressed, source)
             original = next_original
     return log
 
 
-def _paired_moments(model, block, names, originals, factored, original, compressed, source):
-    """Runs ``block`` on both streams batch by batch with hooks pairing each layer's inputs.
+def _record_inputs(block, layers: dict[str, nn.Module], batches, source):
+    """Runs ``block`` (holding ``layers``) on every batch and records each layer's inputs.
 
     Returns:
-        ({module: PairedMoments}, the block's outputs on the original stream).
+        ([{layer: its input} per batch], the layers grouped in call order by shared input,
+        the block's outputs).
     """
-    moments = {name: PairedMoments.zeros(originals[name].in_features) for name in names}
-    seen: dict[str, torch.Tensor] = {}
-    pairing = {"original": True}
+    seen: list[dict[str, torch.Tensor]] = []
+    order: list[tuple[str, int]] = []
 
     def hook(name):
         def record(module, args, output):
-            if pairing["original"]:
-                seen[name] = args[0].detach()
-            else:
-                moments[name].update(seen[name], args[0].detach())
+            seen[-1][name] = args[0].detach()
+            if len(seen) == 1:
+                order.append((name, id(args[0])))
         return record
 
-    layers = {name: (originals[name], factored[name]) for name in names}
-    handles = [layer.register_forward_hook(hook(name))
-               for name, pair in layers.items() for layer in pair]
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     outputs = []
     try:
-        for batch_o, batch_c in zip(original, compressed, strict=True):
-            pairing["original"] = True
-            _swap(model, {name: pair[0] for name, pair in layers.items()})
-            outputs.extend(run_block(block, [batch_o], source))
-            pairing["original"] = False
-            _swap(model, {name: pair[1] for name, pair in layers.items()})
-            run_block(block, [batch_c], source)
-            seen.clear()
+        for batch in batches:
+            seen.append({})
+            outputs.extend(run_block(block, [batch], source))
     finally:
-        _swap(model, {name: pair[1] for name, pair in layers.items()})
         for handle in handles:
             handle.remove()
-    return moments, outputs
+    groups: list[list[str]] = []
+    for position, (name, key) in enumerate(order):
+        if position and key == order[position - 1][1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return seen, groups, outputs
+
+
+def _paired_moments(block, layers: dict[str, nn.Module], seen, batches, source):
+    """Runs ``block`` on the compressed stream, pairing each of ``layers``' inputs with the
+    original inputs recorded in ``seen``. Returns {layer: PairedMoments}."""
+    moments = {name: PairedMoments.zeros(layer.in_features) for name, layer in layers.items()}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            moments[name].update(current[name], args[0].detach())
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for recorded, batch in zip(seen, batches, strict=True):
+            current.update(recorded)
+            run_block(block, [batch], source)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments
 
 
 def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
