@@ -29,7 +29,7 @@ def test_compress_writes_checkpoint_rank_map_and_json(model_dir, calib_file, tmp
     json_path = str(tmp_path / "run.json")
     assert _compress(model_dir, calib_file, compressed_dir, "--json", json_path) == 0
     figures = json.loads((tmp_path / "run.json").read_text())
-    assert figures["method"] == "zero-sum" and figures["target_ratio"] == 0.2  # the defaults
+    assert figures["method"] == "io-svd" and figures["target_ratio"] == 0.2  # the defaults
     assert 0.2 <= figures["achieved_ratio"] < 0.25  # floor() on tiny 48-wide layers
     assert figures["perplexity"] > 1 and figures["dense_perplexity"] > 1
     assert figures["model_bytes"] < figures["model_bytes_dense"]
@@ -42,7 +42,7 @@ def test_compress_writes_checkpoint_rank_map_and_json(model_dir, calib_file, tmp
 def test_info_prints_allocation(compressed_dir, capsys):
     assert main(["info", str(compressed_dir)]) == 0
     out = capsys.readouterr().out
-    assert "method: zero-sum" in out
+    assert "method: io-svd" in out
     assert "q_proj" in out and "down_proj" in out
 
 
