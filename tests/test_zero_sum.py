@@ -209,6 +209,7 @@ def test_cli_rank_map_and_info(model_dir, calib_file, tmp_path, capsys):
     assert main(["compress", *common, "--rank-map", str(rank_map),
                  "--output", str(tmp_path / "reused")]) == 0
     reused = json.loads((tmp_path / "reused" / "config.json").read_text())
+    assert reused["quantization_config"]["method"] == "io-svd"  # the default, with its metric
     assert reused["quantization_config"]["rank_map"] == json.loads(rank_map.read_text())
     capsys.readouterr()
     assert main(["info", str(tmp_path / "zs")]) == 0

@@ -18,7 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import linalg
-from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
+from .allocation import (
+    Selection,
+    global_select,
+    kept_params,
+    loss_balanced_ranks,
+    uniform_ranks,
+)
 from .blocks import accumulate_block_stats, capture_block_inputs, kwarg_sources, run_block
 from .errors import CalibrationError, ConfigError
 from .gradients import calibration_gradients, calibration_loss
@@ -166,8 +172,8 @@ def compress(
     _check_inputs(model, config, targets, calibration, rank_map)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    if config.allocation == "global" and rank_map is None:
-        _compress_globally(model, config, targets, calibration, batch_size, report)
+    if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
+        _compress_globally(model, config, targets, calibration, batch_size, report, rank_map)
     elif config.allocation == "truncation-loss" and rank_map is None:
         _compress_by_truncation_loss(model, config, targets, calibration, batch_size, report)
     else:
@@ -244,16 +250,18 @@ def _compress_by_truncation_loss(model, config, targets, calibration, batch_size
 
 
 def _compress_globally(model, config, targets, calibration, batch_size,
-                       report: CompressionReport) -> None:
-    """Gradients, every module's decomposition and scores, one global selection, the
-    optional int8 row plans, then the optional correction stages (zero-sum, io-svd)."""
+                       report: CompressionReport, rank_map=None) -> None:
+    """Gradients, every module's decomposition and scores, one global selection (or the
+    given ``rank_map``), the optional int8 row plans, then the optional correction stages
+    (zero-sum, io-svd)."""
     grad_ids = calibration[: config.grad_samples]
     grads, decompositions, scores = _global_statistics(model, config, targets, calibration,
                                                        grad_ids, batch_size)
     shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
     remap = getattr(config, "remap", None)
-    selection = global_select(shapes, scores, config.ratio, config.rule, config.min_rank,
-                              cost=classic_cost if remap else kept_params)
+    selection = (Selection(ranks=dict(rank_map)) if rank_map is not None else
+                 global_select(shapes, scores, config.ratio, config.rule, config.min_rank,
+                               cost=classic_cost if remap else kept_params))
     plans = _row_plans(remap, shapes, selection.ranks, decompositions, grads, config.ratio)
     del grads
     originals = {n: t.weight.detach().to(torch.float64, copy=True) for n, t in targets.items()
