@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense model")
     p.add_argument("--output", default="bench-out/quality.json")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
@@ -61,11 +62,12 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
 
     import rankcut
     from rankcut import data
-    from rankcut.cli import peak_rss_mb
+    from rankcut.cli import peak_gpu_mb, peak_rss_mb
     from rankcut.update import make_update
 
     torch.manual_seed(args.seed)
-    model, tokenizer = rankcut.load_model(args.model)
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    model, tokenizer = rankcut.load_model(args.model, device=args.device)
     row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0}
     if method is not None:
         method_part, _, update_part = method.partition("+")
@@ -88,7 +90,7 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
     result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
     row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,
-               peak_rss_mb=peak_rss_mb())
+               peak_rss_mb=peak_rss_mb(), device=args.device, peak_gpu_mb=peak_gpu_mb())
     return row
 
 

@@ -148,3 +148,27 @@ def test_io_svd_flag_on_another_method_is_refused(model_dir, calib_file, tmp_pat
     assert _compress(model_dir, calib_file, tmp_path / "x", "--method", "zero-sum",
                      "--top-k", "3") == 2
     assert "has no setting(s) ['top_k']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(model_dir, calib_file, tmp_path, capsys):
+    assert _compress(model_dir, calib_file, tmp_path / "out", "--device", "cuda") == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_device_is_a_clear_error(model_dir, calib_file, tmp_path, capsys):
+    assert _compress(model_dir, calib_file, tmp_path / "out", "--device", "gpu0") == 2
+    assert "is not a device" in capsys.readouterr().err
+
+
+def test_bfloat16_model_compresses_with_float64_statistics(model_dir, calib_file, tmp_path):
+    run = tmp_path / "run.json"
+    assert _compress(model_dir, calib_file, tmp_path / "out", "--method", "svd-llm",
+                     "--dtype", "bfloat16", "--device", "cpu", "--json", str(run)) == 0
+    figures = json.loads(run.read_text())
+    assert figures["dtype"] == "bfloat16" and figures["device"] == "cpu"
+    assert 1 < figures["perplexity"] < 10 * figures["dense_perplexity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    factors = [p for n, p in reloaded.named_parameters() if n.endswith("weight_u")]
+    assert factors and all(p.dtype == torch.bfloat16 for p in factors)

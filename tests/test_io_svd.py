@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import fisher, linalg
+from rankcut import fisher, linalg, pipeline
 from rankcut.errors import ConfigError
 from rankcut.gradients import calibration_gradients
 from rankcut.hooks import InputMomentHooks, OutputMetricHooks
@@ -144,6 +144,26 @@ def test_second_order_score_alone_skips_the_loss_gradient():
     assert make("io-svd", score="first").needs_loss_gradients
     assert make("io-svd", score="second", remap="loss-aware").needs_loss_gradients
     assert make("zero-sum").needs_loss_gradients
+
+
+def test_rank_map_skips_the_loss_gradient_and_reproduces_the_run(calib_ids, monkeypatch):
+    """With a given rank map io-svd still needs its output metric but not G (score=both)."""
+    config = rankcut.make_config("io-svd", ratio=0.4, score="both")
+    first = tiny_model()
+    ranks = rankcut.compress(first, config, calib_ids).rank_map
+    calls = []
+    real = pipeline.calibration_gradients
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["weight_grads"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "calibration_gradients", spy)
+    second = tiny_model()
+    report = rankcut.compress(second, config, calib_ids, rank_map=ranks)
+    assert calls == [False] and report.rank_map == ranks
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 @pytest.mark.parametrize("settings", [{}, {"kl_mode": "exact", "top_k": 3},

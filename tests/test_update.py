@@ -45,20 +45,21 @@ def _error(w, w_u, w_v, x_o, x_c):
 @pytest.mark.parametrize("seed", range(5))
 def test_refit_never_increases_the_layer_error(seed):
     w, w_u, w_v, moments, x_o, x_c = _problem(seed)
-    new_u, before, after = refit_factor(w, w_u, w_v, moments)
+    new_u, before, after, base = refit_factor(w, w_u, w_v, moments)
+    assert base == pytest.approx(float((x_o @ w.T).square().sum(1).mean()), rel=1e-9)
     assert before == pytest.approx(_error(w, w_u, w_v, x_o, x_c), rel=1e-9)
     assert after == pytest.approx(_error(w, new_u, w_v, x_o, x_c), rel=1e-9)
     assert after < before  # the SVD factors are not optimal on shifted inputs
     # refitting the refit changes nothing: it is already the least-squares optimum
-    again, before2, after2 = refit_factor(w, new_u, w_v, moments)
+    again, before2, after2, _ = refit_factor(w, new_u, w_v, moments)
     assert after2 <= before2 + 1e-12 and before2 == pytest.approx(after, rel=1e-9)
 
 
 def test_refit_keeps_the_old_factor_when_the_solution_is_worse():
     w, w_u, w_v, moments, *_ = _problem(0)
-    optimum, _, best = refit_factor(w, w_u, w_v, moments, damping=0.0)
+    optimum, _, best, _ = refit_factor(w, w_u, w_v, moments, damping=0.0)
     # a huge ridge pulls the solution towards zero, far from the optimum already held
-    kept, before, after = refit_factor(w, optimum, w_v, moments, damping=0.9)
+    kept, before, after, _ = refit_factor(w, optimum, w_v, moments, damping=0.9)
     assert kept is optimum and after == before == pytest.approx(best, rel=1e-9)
 
 
@@ -68,7 +69,7 @@ def test_refit_update_on_a_tiny_model(calib_ids):
         reference = tiny_model("llama")(input_ids=calib_ids).logits
     rankcut.compress(plain, make_config("svd-llm", ratio=0.5), calib_ids)
     report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids,
-                              update=RefitConfig())
+                              update=RefitConfig(target="original"))
     log = report.update.log
     assert len(log) == sum(isinstance(m, LowRankLinear) for m in model.modules()) > 0
     assert all(e["error_after"] <= e["error_before"] for e in log)
@@ -80,31 +81,39 @@ def test_refit_update_on_a_tiny_model(calib_ids):
     assert gaps[0] < gaps[1]
 
 
-def _layer_outputs(model, names, ids):
-    outputs, handles = {}, []
+def _layer_io(model, names, ids):
+    """{layer: (its input, its output)} on one forward pass of ``ids``."""
+    seen, handles = {}, []
     for name in names:
         def keep(module, args, output, name=name):
-            outputs[name] = output.detach().double()
+            seen[name] = (args[0].detach().double(), output.detach().double())
         handles.append(model.get_submodule(name).register_forward_hook(keep))
     with torch.no_grad():
         model(input_ids=ids)
     for handle in handles:
         handle.remove()
-    return outputs
+    return seen
 
 
-def test_refit_errors_are_those_of_the_final_model(calib_ids):
+@pytest.mark.parametrize("target", ["compressed", "original"])
+def test_refit_errors_are_those_of_the_final_model(calib_ids, target):
     """Each layer is refitted on the inputs it really gets once the layers before it (in
-    its own block too: q/k/v before o_proj, gate/up before down_proj) are refitted."""
-    model = tiny_model("llama")
+    its own block too: q/k/v before o_proj, gate/up before down_proj) are refitted; its
+    target is the original layer on those inputs, or the original model's layer output."""
+    model, original = tiny_model("llama"), tiny_model("llama")
     report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids,
-                              update=RefitConfig())
+                              update=RefitConfig(target=target))
     names = [entry["module"] for entry in report.update.log]
-    wanted = _layer_outputs(tiny_model("llama"), names, calib_ids)
-    got = _layer_outputs(model, names, calib_ids)
+    got = _layer_io(model, names, calib_ids)
+    in_original = _layer_io(original, names, calib_ids)
     for entry in report.update.log:
         name = entry["module"]
-        error = (wanted[name] - got[name]).square().sum(-1).mean().item()
+        if target == "original":
+            wanted = in_original[name][1]
+        else:
+            weight = original.get_submodule(name).weight.double()
+            wanted = got[name][0] @ weight.T
+        error = (wanted - got[name][1]).square().sum(-1).mean().item()
         assert error == pytest.approx(entry["error_after"], rel=2e-3, abs=1e-7), name
 
 
@@ -167,6 +176,9 @@ def test_update_settings_are_validated():
         make_update("lora", steps=0)
     with pytest.raises(ConfigError, match="lr"):
         make_update("lora", lr=-1.0)
+    with pytest.raises(ConfigError, match="target"):
+        make_update("refit", target="outputs")
+    assert make_update("refit", target="original").target == "original"
 
 
 def test_cli_update_refit_and_lora_flags(model_dir, calib_file, tmp_path, capsys):

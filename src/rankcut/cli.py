@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse a rank map (rank_map.json of an earlier run) instead of allocating")
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
     c.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
+    _add_device_args(c)
     c.add_argument("--output", default="rankcut-out")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     _add_eval_args(c, seqlen_flag="--eval-seqlen", default_windows=20)
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a dense or compressed model")
     e.add_argument("model", help="model folder, .gguf file or hub id ('smollm2' = bundled)")
     _add_eval_args(e, seqlen_flag="--seqlen", default_windows=None)
+    _add_device_args(e)
     e.add_argument("--json", default=None, metavar="FILE")
     e.set_defaults(func=cmd_eval)
 
@@ -114,6 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="fetch and convert the offline model and text")
     a.set_defaults(func=cmd_assets)
     return parser
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights and activations; statistics stay float64")
+
+
+def _device(args: argparse.Namespace) -> tuple[str, object]:
+    """Resolves ``--device`` and ``--dtype``. Raises ConfigError for an unusable device."""
+    import torch
+
+    from .errors import ConfigError
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device!r} is not a device: {err}") from None
+    return device, getattr(torch, args.dtype)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, seqlen_flag: str, default_windows) -> None:
@@ -141,8 +168,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
         raise update.ConfigError("--lora-* settings need --update lora")
     update_config = update.make_update(args.update, **lora)
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
+    device, dtype = _device(args)
     start = time.perf_counter()
-    model, tokenizer = models.load_model(args.model)
+    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
     calib = None
     if config.needs_input_stats or config.needs_row_fisher or update_config is not None:
         text = data.load_text(args.calib_file or args.calib, part="calib")
@@ -168,7 +196,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "update": report.update.settings if report.update else None,
         "update_log": report.update.log if report.update else [],
         "compress_seconds": report.seconds, "wall_seconds": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "device": device, "dtype": args.dtype,
+        "peak_gpu_mb": peak_gpu_mb(),
     }
     _print_module_summary(report)
     _print_closing_table(figures)
@@ -211,7 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from . import models
     from .evaluation import evaluate
 
-    model, tokenizer = models.load_model(args.model)
+    device, dtype = _device(args)
+    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
     result = evaluate(model, _eval_ids(args, tokenizer), seqlen=args.eval_seqlen,
                       max_windows=args.max_windows)
     figures = {"model": args.model, "perplexity": result.perplexity, "nll": result.nll,
@@ -294,6 +324,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float | None:
+    """Returns the peak CUDA memory allocated by this process in MiB (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def _param_bytes(model) -> int:
     """Bytes of the model's parameters and buffers (int8 factor rows included)."""
     tensors = [*model.parameters(), *model.buffers()]
@@ -329,8 +368,9 @@ def _print_closing_table(f: dict) -> None:
     print(f"{'':<28}{'dense':>16}{'compressed':>16}")
     for label, dense, compressed in rows:
         print(f"{label:<28}{fmt(dense):>16}{fmt(compressed):>16}")
-    print(f"compression {f['compress_seconds']:.1f} s, wall {f['wall_seconds']:.1f} s, "
-          f"peak RSS {f['peak_rss_mb']:.0f} MiB")
+    gpu = f" peak GPU {f['peak_gpu_mb']:.0f} MiB," if f.get("peak_gpu_mb") is not None else ""
+    print(f"compression {f['compress_seconds']:.1f} s on {f['device']} ({f['dtype']}), "
+          f"wall {f['wall_seconds']:.1f} s,{gpu} peak RSS {f['peak_rss_mb']:.0f} MiB")
 
 
 def _print_table(figures: dict) -> None:

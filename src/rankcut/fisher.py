@@ -39,7 +39,8 @@ def kl_seeds(logits: torch.Tensor, top_k: int, mode: str,
         logits: [..., V] logits of the original model.
         top_k: K, the number of most likely tokens kept.
         mode: ``"exact"`` or ``"sample"``.
-        generator: random source for the signs / samples (on the logits' device).
+        generator: CPU random source for the signs / samples; the draws are made on the
+            CPU whatever the logits' device, so a seed gives the same draws on any device.
 
     Raises:
         ValueError: unknown mode.
@@ -49,14 +50,15 @@ def kl_seeds(logits: torch.Tensor, top_k: int, mode: str,
     probs, index = top_k_probs(logits, top_k)
     shape = logits.shape
     if mode == "sample":
-        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1,
+                                  generator=generator).to(logits.device)
         seed = torch.zeros(shape, dtype=torch.float32, device=logits.device)
         seed.scatter_(-1, index, -probs)
         seed.scatter_add_(-1, index.gather(-1, drawn.view(*shape[:-1], 1)),
                           torch.ones(*shape[:-1], 1, device=logits.device))
         yield seed
         return
-    signs = torch.randint(0, 2, (*shape[:-1], 1), generator=generator, device=logits.device)
+    signs = torch.randint(0, 2, (*shape[:-1], 1), generator=generator).to(logits.device)
     signs = signs.float() * 2 - 1
     for k in range(probs.shape[-1]):
         root = probs[..., k:k + 1].sqrt() * signs

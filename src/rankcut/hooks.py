@@ -28,7 +28,8 @@ class InputMomentHooks:
 
     def __init__(self, layers: dict[str, nn.Linear]) -> None:
         self.layers = layers
-        self.stats = {name: linalg.SecondMoment.zeros(layer.in_features)
+        self.stats = {name: linalg.SecondMoment.zeros(layer.in_features,
+                                                         layer.weight.device)
                       for name, layer in layers.items()}
         self.active = True
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
@@ -77,17 +78,18 @@ class OutputMetricHooks:
         stats: {layer name: SecondMoment over the layer's output dimension}.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], top_k: int, mode: str, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, layers: dict[str, nn.Linear], top_k: int, mode: str, seed: int = 0
+                 ) -> None:
         self.layers = layers
         self.top_k, self.mode = top_k, mode
         if top_k == 1 and layers:
             logger.warning("top_k=1: the top-1 renormalized distribution is a point mass with "
                            "zero Fisher, so the output metric carries no information")
-        self.stats = {name: linalg.SecondMoment.zeros(layer.out_features)
+        self.stats = {name: linalg.SecondMoment.zeros(layer.out_features,
+                                                         layer.weight.device)
                       for name, layer in layers.items()}
         self.active = False
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # CPU: same draws on any device
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
 

@@ -104,7 +104,7 @@ def row_loss_changes(decomposition: Decomposition, rank: int,
         (changes of the u rows [r], changes of the v rows [r]), float64. No side effects.
     """
     w_u, w_v = decomposition.factors(rank)
-    g = grad.detach().to(torch.float64)
+    g = grad.detach().to(w_u.device, torch.float64)
     du = fake_quantized(w_u.T).T - w_u  # column i of W_u is u_i
     dv = fake_quantized(w_v) - w_v
     first_u = (du * (g @ w_v.T)).sum(0)

@@ -163,13 +163,25 @@ def eigen_whitening(r: torch.Tensor, floor: float = 1e-8) -> Whitening:
     """
     r = _checked_symmetric(r)
     vals, vecs = torch.linalg.eigh(r)
-    top = vals.max().clamp_min(torch.finfo(r.dtype).tiny)
-    clamped = vals.clamp_min(floor * top)
+    clamped = floored(vals, floor)
     damping = float((clamped - vals).max() / _diag_scale(r))
     root = (vecs * clamped.sqrt()) @ vecs.T
     inverse = (vecs / clamped.sqrt()) @ vecs.T
     return Whitening(root=(root + root.T) / 2, kind="eigen", damping=damping,
                      inverse=(inverse + inverse.T) / 2)
+
+
+def floored(values: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
+    """Returns ``values`` in float64 with entries below ``floor``·max raised to that floor
+    (dead channels, zero rows, negative rounding noise), so they can be divided by.
+
+    Raises:
+        ValueError: if ``values`` contains NaN or infinity.
+    """
+    values = values.to(torch.float64)
+    if not torch.isfinite(values).all():
+        raise ValueError("statistics contain NaN or infinity (non-finite activations)")
+    return values.clamp_min(floor * float(values.max().clamp_min(torch.finfo(values.dtype).tiny)))
 
 
 def _checked_symmetric(r: torch.Tensor) -> torch.Tensor:
@@ -246,9 +258,9 @@ def decompose(
     """
     w = weight.detach().to(torch.float64)
     if column_scale is not None:
-        input_whitening = _diagonal_whitening(column_scale)
+        input_whitening = _diagonal_whitening(column_scale.to(w.device))
     if row_scale is not None:
-        output_whitening = _diagonal_whitening(row_scale)
+        output_whitening = _diagonal_whitening(row_scale.to(w.device))
     a = w
     if input_whitening is not None:
         a = a @ input_whitening.root
@@ -271,7 +283,7 @@ def component_scores(decomposition: Decomposition, grad: torch.Tensor) -> torch.
     Returns:
         ΔL_i for every component, float64, in spectral order. No side effects.
     """
-    g = grad.detach().to(torch.float64)
+    g = grad.detach().to(decomposition.u.device, torch.float64)
     if decomposition.input_whitening is not None:
         g = decomposition.input_whitening.left_inverse(g.T).T  # G S⁻ᵀ
     if decomposition.output_whitening is not None:

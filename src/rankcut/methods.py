@@ -247,20 +247,12 @@ def _svd_llm(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMo
 
 def _asvd(config: ASVDConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
           outputs: Any = None) -> linalg.Decomposition:
-    return linalg.decompose(weight, column_scale=_positive(inputs.mean_abs()) ** config.alpha)
+    return linalg.decompose(weight, column_scale=linalg.floored(inputs.mean_abs()) ** config.alpha)
 
 
 def _fwsvd(config: FWSVDConfig, weight: torch.Tensor, inputs: Any,
            outputs: torch.Tensor | None) -> linalg.Decomposition:
-    return linalg.decompose(weight, row_scale=_positive(outputs).sqrt())
-
-
-def _positive(values: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
-    """Raises entries below ``floor``·max (dead channels, zero rows) to that floor."""
-    values = values.to(torch.float64)
-    if not torch.isfinite(values).all():
-        raise ValueError("statistics contain NaN or infinity (non-finite activations)")
-    return values.clamp_min(floor * float(values.max().clamp_min(1e-300)))
+    return linalg.decompose(weight, row_scale=linalg.floored(outputs).sqrt())
 
 
 def _svd_llm_v2(config: MethodConfig, weight: torch.Tensor,

@@ -255,11 +255,14 @@ def _compress_globally(model, config, targets, calibration, batch_size,
     given ``rank_map``), the optional int8 row plans, then the optional correction stages
     (zero-sum, io-svd)."""
     grad_ids = calibration[: config.grad_samples]
-    grads, decompositions, scores = _global_statistics(model, config, targets, calibration,
-                                                       grad_ids, batch_size)
-    shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
     remap = getattr(config, "remap", None)
-    selection = (Selection(ranks=dict(rank_map)) if rank_map is not None else
+    # with a given rank map only a loss-aware int8 remap still needs G and nothing the scores
+    selecting = rank_map is None
+    grads, decompositions, scores = _global_statistics(
+        model, config, targets, calibration, grad_ids, batch_size, scoring=selecting,
+        weight_grads=config.needs_loss_gradients and (selecting or remap == "loss-aware"))
+    shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
+    selection = (Selection(ranks=dict(rank_map)) if not selecting else
                  global_select(shapes, scores, config.ratio, config.rule, config.min_rank,
                                cost=classic_cost if remap else kept_params))
     plans = _row_plans(remap, shapes, selection.ranks, decompositions, grads, config.ratio)
@@ -275,24 +278,27 @@ def _compress_globally(model, config, targets, calibration, batch_size,
     report.modules.extend(results.values())
 
 
-def _global_statistics(model, config, targets, calibration, grad_ids, batch_size):
+def _global_statistics(model, config, targets, calibration, grad_ids, batch_size,
+                       scoring: bool = True, weight_grads: bool = True):
     """One gradient pass (which also gathers the input statistics when it covers all the
     calibration samples, and the KL output metric for io-svd), then every module's
-    decomposition and component scores.
+    decomposition and (when ``scoring``) component scores.
+
+    Args:
+        weight_grads: compute the loss gradients G (False: forward-only statistics).
 
     Returns:
         ({module: G}, {module: Decomposition}, {module: component scores}).
     """
     spec = method_spec(config.name)
     shared = grad_ids.shape[0] == calibration.shape[0]
-    device = next(model.parameters()).device
-    outputs = (OutputMetricHooks(targets, config.top_k, config.kl_mode, config.seed, device)
+    outputs = (OutputMetricHooks(targets, config.top_k, config.kl_mode, config.seed)
                if config.needs_output_stats else None)
     with InputMomentHooks(targets if shared else {}) as hooks, outputs or contextlib.nullcontext():
         grads, loss = calibration_gradients(
             model, targets, grad_ids, config.grad_batch_size, checkpointing=config.checkpointing,
             input_hooks=hooks if shared else None, output_hooks=outputs,
-            weight_grads=config.needs_loss_gradients)
+            weight_grads=weight_grads)
     logger.info("calibration loss of the original model: %.4f", loss)
     decompositions, scores = {}, {}
     groups = ([(list(targets), hooks.stats)] if shared else
@@ -302,7 +308,8 @@ def _global_statistics(model, config, targets, calibration, grad_ids, batch_size
             for name in tqdm(names, desc="decompose", unit="module", disable=not shared):
                 decompositions[name] = spec.decompose(config, targets[name].weight, stats[name],
                                                       outputs and outputs.stats[name])
-                scores[name] = spec.score(config, decompositions[name], grads.get(name))
+                if scoring:
+                    scores[name] = spec.score(config, decompositions[name], grads.get(name))
     return grads, decompositions, scores
 
 

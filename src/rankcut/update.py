@@ -2,9 +2,10 @@
 
 Two stages, each with a frozen config dataclass:
 
-* ``refit``: layer by layer, the compressed model's own activations are fed to each
+* ``refit``: layer by layer, the compressed model's own activations x_c are fed to each
   factorized layer and W_u is re-solved in closed form (W_v fixed) so the layer's outputs
-  match the original layer's outputs on the original activations.
+  match the original layer's outputs: W x_c (SVD-LLM's objective, the default) or W x_o on
+  the original model's activations (which also tries to undo the error of earlier layers).
 * ``lora``: sequential low-rank fine-tuning with ``peft``: LoRA on every W_u (W_v frozen),
   merge; then on every W_v (W_u frozen), merge.
 
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import linalg
 from .blocks import capture_block_inputs, kwarg_sources, run_block
 from .errors import ConfigError
 from .models import block_index, find_decoder_blocks
@@ -36,14 +36,21 @@ class RefitConfig:
 
     Attributes:
         damping: ridge λ, relative to the mean diagonal of the rank-space second moment.
+        target: ``"compressed"`` fits W x_c, the original layer applied to the compressed
+            model's own inputs (SVD-LLM); ``"original"`` fits W x_o, the original layer's
+            outputs in the original model.
     """
 
     name: ClassVar[str] = "refit"
     damping: float = 1e-6
+    target: str = "compressed"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.damping < 1.0:
             raise ConfigError(f"refit damping must be in [0, 1); got {self.damping!r}")
+        if self.target not in ("compressed", "original"):
+            raise ConfigError(f"refit target must be 'compressed' or 'original'; "
+                              f"got {self.target!r}")
 
     def settings(self) -> dict[str, Any]:
         """Returns the stage name and settings as a JSON-ready dict."""
@@ -149,23 +156,29 @@ class PairedMoments:
     count: int = 0
 
     @classmethod
-    def zeros(cls, n: int) -> PairedMoments:
+    def zeros(cls, n: int, device: torch.device | str = "cpu") -> PairedMoments:
         """Empty moments for inputs of dimension ``n``."""
-        return cls(*(torch.zeros(n, n, dtype=torch.float64) for _ in range(3)))
+        return cls(*(torch.zeros(n, n, dtype=torch.float64, device=device) for _ in range(3)))
 
     def update(self, x_o: torch.Tensor, x_c: torch.Tensor) -> None:
-        """Adds one batch of paired inputs (same tokens). Mutates self."""
-        o = x_o.reshape(-1, x_o.shape[-1]).float().cpu()
-        c = x_c.reshape(-1, x_c.shape[-1]).float().cpu()
-        self.oo.add_(o.T @ o)
-        self.oc.add_(o.T @ c)
-        self.cc.add_(c.T @ c)
-        self.count += o.shape[0]
+        """Adds one batch of paired inputs (same tokens; ``x_o is x_c`` when the target is
+        the compressed stream itself). Mutates self."""
+        c = x_c.reshape(-1, x_c.shape[-1]).to(self.cc.device, torch.float32)
+        cc = c.T @ c
+        self.cc.add_(cc)
+        if x_o is x_c:
+            self.oo.add_(cc)
+            self.oc.add_(cc)
+        else:
+            o = x_o.reshape(-1, x_o.shape[-1]).to(self.cc.device, torch.float32)
+            self.oo.add_(o.T @ o)
+            self.oc.add_(o.T @ c)
+        self.count += c.shape[0]
 
 
 def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
                  moments: PairedMoments, damping: float = 1e-6
-                 ) -> tuple[torch.Tensor, float, float]:
+                 ) -> tuple[torch.Tensor, float, float, float]:
     """Solves min_U Σ‖W x_o − U W_v x_c‖² in float64 (ridge λ·mean diag), W_v fixed.
 
     With A = W_v Σcc W_vᵀ and B = W Σoc W_vᵀ the solution is U = B (A + λI)⁻¹. The
@@ -174,9 +187,10 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
 
     Returns:
         (the new W_u, or the given one when the refit would not lower the error, the mean
-        error per token before, after). Pure.
+        error per token before, after, the mean of ‖W x_o‖² per token). Pure.
     """
-    w, u, v = (t.detach().to(torch.float64).cpu() for t in (weight, w_u, w_v))
+    device = moments.cc.device
+    w, u, v = (t.detach().to(device, torch.float64) for t in (weight, w_u, w_v))
     n = max(1, moments.count)
     a = v @ (moments.cc / n) @ v.T
     b = w @ (moments.oc / n) @ v.T
@@ -186,7 +200,7 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
         return base - 2 * float((candidate * b).sum()) + float(((candidate @ a) * candidate).sum())
 
     lam = damping * float(a.diagonal().mean().clamp_min(1e-300))
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=device)
     chol, info = torch.linalg.cholesky_ex(a + lam * eye)
     if info.item() != 0:
         solution = torch.linalg.lstsq(a + lam * eye, b.T).solution.T
@@ -194,8 +208,8 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
         solution = torch.cholesky_solve(b.T, chol).T
     before, after = error(u), error(solution)
     if not torch.isfinite(solution).all() or after > before:
-        return w_u, before, before
-    return solution, before, after
+        return w_u, before, before, base
+    return solution, before, after, base
 
 
 def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.Tensor,
@@ -203,13 +217,13 @@ def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.
     """Refits W_u of every factorized layer, block by block, in forward order. Mutates
     ``model``.
 
-    Each block sees two streams: the original model's activations (the block run with the
-    ``originals`` swapped in) and the compressed model's. A layer's target is the original
-    layer's output on the original stream; its input is the compressed stream *after* the
-    layers before it (earlier blocks, and earlier layers of its own block such as q/k/v
-    before o_proj) were refitted. Layers that read the same input (q/k/v, gate/up) are
-    refitted together from one pass. Memory: the original inputs of one block's layers
-    for all calibration tokens.
+    A layer's input is the compressed stream x_c *after* the layers before it (earlier
+    blocks, and earlier layers of its own block such as q/k/v before o_proj) were refitted.
+    Its target is the original layer applied to that input (``target="compressed"``) or,
+    with ``target="original"``, the original layer's output on the original model's
+    stream (the block is also run with the ``originals`` swapped in; memory: the original
+    inputs of one block's layers for all calibration tokens). Layers that read the same
+    input (q/k/v, gate/up) are refitted together from one pass.
 
     Returns:
         One {module, error_before, error_after, relative_after} entry per refitted layer.
@@ -223,49 +237,46 @@ def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.
     sources = kwarg_sources(model, len(blocks))
     log = []
     with torch.no_grad():
-        original = compressed = capture_block_inputs(model, blocks, calibration, batch_size)
+        compressed = capture_block_inputs(model, blocks, calibration, batch_size)
+        original = compressed if config.target == "original" else None
         for index in tqdm(range(len(blocks)), desc="refit blocks", unit="block"):
             block, source, names = blocks[index], sources[index], by_block.get(index, [])
-            layers = {name: originals[name] for name in names}
-            _swap(model, layers)
-            try:
-                seen, groups, next_original = _record_inputs(block, layers, original, source)
-            finally:
-                _swap(model, {name: factored[name] for name in names})
-            for group in groups:
+            seen = None
+            if original is not None:
+                _swap(model, {name: originals[name] for name in names})
+                try:
+                    seen, original = _record_inputs(block, names, model, original, source)
+                finally:
+                    _swap(model, {name: factored[name] for name in names})
+            for group in _shared_input_groups(block, names, model, compressed[0], source):
                 moments = _paired_moments(block, {n: factored[n] for n in group}, seen,
                                           compressed, source)
                 for name in group:
                     log.append(_refit_layer(model, name, originals[name], moments[name], config))
                     factored[name] = model.get_submodule(name)
             compressed = run_block(block, compressed, source)
-            original = next_original
     return log
 
 
-def _record_inputs(block, layers: dict[str, nn.Module], batches, source):
-    """Runs ``block`` (holding ``layers``) on every batch and records each layer's inputs.
+def _hooked(model: nn.Module, names: list[str], make_hook):
+    """Registers ``make_hook(name)`` as a forward hook on each named module; returns the
+    handles."""
+    return [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
 
-    Returns:
-        ([{layer: its input} per batch], the layers grouped in call order by shared input,
-        the block's outputs).
-    """
-    seen: list[dict[str, torch.Tensor]] = []
+
+def _shared_input_groups(block, names: list[str], model, batch, source) -> list[list[str]]:
+    """Runs ``block`` on one batch and groups ``names`` in call order by shared input
+    tensor (q/k/v together, gate/up together)."""
     order: list[tuple[str, int]] = []
 
     def hook(name):
         def record(module, args, output):
-            seen[-1][name] = args[0].detach()
-            if len(seen) == 1:
-                order.append((name, id(args[0])))
+            order.append((name, id(args[0])))
         return record
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    outputs = []
+    handles = _hooked(model, names, hook)
     try:
-        for batch in batches:
-            seen.append({})
-            outputs.extend(run_block(block, [batch], source))
+        run_block(block, [batch], source)
     finally:
         for handle in handles:
             handle.remove()
@@ -275,24 +286,53 @@ def _record_inputs(block, layers: dict[str, nn.Module], batches, source):
             groups[-1].append(name)
         else:
             groups.append([name])
-    return seen, groups, outputs
+    return groups
+
+
+def _record_inputs(block, names: list[str], model, batches, source):
+    """Runs ``block`` on every batch and records each named layer's input.
+
+    Returns:
+        ([{layer: its input} per batch], the block's outputs).
+    """
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def hook(name):
+        def record(module, args, output):
+            seen[-1][name] = args[0].detach()
+        return record
+
+    handles = _hooked(model, names, hook)
+    outputs = []
+    try:
+        for batch in batches:
+            seen.append({})
+            outputs.extend(run_block(block, [batch], source))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, outputs
 
 
 def _paired_moments(block, layers: dict[str, nn.Module], seen, batches, source):
-    """Runs ``block`` on the compressed stream, pairing each of ``layers``' inputs with the
-    original inputs recorded in ``seen``. Returns {layer: PairedMoments}."""
-    moments = {name: PairedMoments.zeros(layer.in_features) for name, layer in layers.items()}
+    """Runs ``block`` on the compressed stream and accumulates each of ``layers``' inputs,
+    paired with the original inputs recorded in ``seen`` (or with themselves when ``seen``
+    is None). Returns {layer: PairedMoments}."""
+    moments = {name: PairedMoments.zeros(layer.in_features, layer.weight_u.device)
+               for name, layer in layers.items()}
     current: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def record(module, args, output):
-            moments[name].update(current[name], args[0].detach())
+            x_c = args[0].detach()
+            moments[name].update(current.get(name, x_c), x_c)
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
-        for recorded, batch in zip(seen, batches, strict=True):
-            current.update(recorded)
+        for number, batch in enumerate(batches):
+            if seen is not None:
+                current.update(seen[number])
             run_block(block, [batch], source)
     finally:
         for handle in handles:
@@ -310,17 +350,16 @@ def _refit_layer(model, name, original: nn.Linear, moments: PairedMoments,
     """Refits one layer's W_u and swaps the rebuilt layer in; returns its log entry."""
     layer: LowRankLinear = model.get_submodule(name)
     w_u, w_v = layer.factors()
-    new_u, before, after = refit_factor(original.weight, w_u, w_v, moments, config.damping)
+    new_u, before, after, scale = refit_factor(original.weight, w_u, w_v, moments,
+                                               config.damping)
     if new_u is not w_u:
         rebuilt = LowRankLinear.from_factors(new_u, w_v, layer.bias, dtype=w_u.dtype,
                                              plan=layer.plan)
         model.set_submodule(name, rebuilt.to(w_u.device))
-    scale = max(linalg.reconstruction_error(original.weight, torch.zeros_like(original.weight),
-                                            moments.oo / max(1, moments.count)), 1e-300)
-    logger.info("refit %s: error %.4g -> %.4g (relative %.4f)", name, before, after,
-                after / scale)
+    relative = after / max(scale, 1e-300)
+    logger.info("refit %s: error %.4g -> %.4g (relative %.4f)", name, before, after, relative)
     return {"module": name, "error_before": before, "error_after": after,
-            "relative_after": after / scale}
+            "relative_after": relative}
 
 
 # ---------------------------------------------------------------- sequential LoRA
