@@ -87,6 +87,21 @@ def test_svd_llm_v2_uses_the_symmetric_eigen_root():
     assert torch.allclose(root @ root.T, _moments(x).mean(), atol=1e-10)
 
 
+@pytest.mark.parametrize("rank", [1, 4, 7])
+def test_eigen_root_and_cholesky_whitening_truncate_alike(rank):
+    """Any square root of R gives the same optimal rank-r approximation in the R metric, so
+    v2's whitening alone cannot change SVD-LLM's result (only its ranks can)."""
+    torch.manual_seed(rank)
+    w, x = torch.randn(8, 12), torch.randn(100, 12) @ torch.randn(12, 12)
+    stats = _moments(x)
+    products = []
+    for method in ("svd-llm", "svd-llm-v2"):
+        d = method_spec(method).decompose(make_config(method), w, stats, None)
+        w_u, w_v = d.factors(rank)
+        products.append(w_u @ w_v)
+    assert torch.allclose(products[0], products[1], atol=1e-8)
+
+
 def _random_problem(seed: int):
     g = torch.Generator().manual_seed(seed)
     shapes, sigmas = {}, {}

@@ -35,6 +35,7 @@ def test_compress_writes_checkpoint_rank_map_and_json(model_dir, calib_file, tmp
     assert figures["model_bytes"] < figures["model_bytes_dense"]
     rank_map = json.loads((compressed_dir / "rank_map.json").read_text())
     assert len(rank_map) == 14
+    assert json.loads((compressed_dir / "rankcut_run.json").read_text()) == figures
     out = capsys.readouterr().out
     assert "ratio (target / achieved)" in out and "perplexity" in out
 

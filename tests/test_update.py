@@ -184,12 +184,16 @@ def test_update_settings_are_validated():
 def test_cli_update_refit_and_lora_flags(model_dir, calib_file, tmp_path, capsys):
     run = tmp_path / "run.json"
     assert _compress(model_dir, calib_file, tmp_path / "o", "--method", "svd-llm",
-                     "--update", "refit", "--json", str(run)) == 0
+                     "--update", "refit", "--refit-target", "original", "--json", str(run)) == 0
     figures = json.loads(run.read_text())
     assert figures["update"]["name"] == "refit" and figures["update_log"]
+    assert figures["update"]["target"] == "original"
     capsys.readouterr()
     assert main(["info", str(tmp_path / "o")]) == 0
     assert '"name": "refit"' in capsys.readouterr().out.split("parameter update: ")[1]
     assert _compress(model_dir, calib_file, tmp_path / "o2", "--method", "svd-llm",
                      "--lora-steps", "3") == 2
     assert "--update lora" in capsys.readouterr().err
+    assert _compress(model_dir, calib_file, tmp_path / "o3", "--method", "svd-llm",
+                     "--refit-target", "original") == 2
+    assert "--refit-target needs --update refit" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``rankcut`` command line: compress | eval | info | export | assets."""
+"""The ``rankcut`` command line: compress | eval | generate | bench | info | export | assets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from .errors import RankcutError
 from .models import module_type
 
 logger = logging.getLogger("rankcut")
+
+RUN_FILE = "rankcut_run.json"  # compress writes its figures next to the checkpoint
+BENCH_FILE = "rankcut_bench.json"  # bench writes its speed table next to the checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--update", default="none", choices=["none", "refit", "lora"],
                    help="parameter update after truncation: closed-form refit of W_u, or "
                         "sequential LoRA on W_u then W_v (any method)")
+    c.add_argument("--refit-target", default=None, choices=["compressed", "original"],
+                   help="refit W_u to the original layer on the compressed model's inputs "
+                        "(default) or to its outputs in the original model")
     c.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
     c.add_argument("--lora-steps", type=int, default=None,
                    help="optimizer steps per LoRA stage (default 20)")
@@ -102,6 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(e)
     e.add_argument("--json", default=None, metavar="FILE")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy generation streamed to the terminal")
+    g.add_argument("model", help="model folder, .gguf file or hub id ('smollm2' = bundled)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--no-chat", action="store_true",
+                   help="feed the prompt as is instead of through the chat template")
+    _add_device_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="prefill and decode speed and memory, dense vs compressed")
+    b.add_argument("model", help="a rankcut checkpoint folder")
+    b.add_argument("--dense", default=None,
+                   help="dense model to compare with (default: the checkpoint multiplied out)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    b.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 512])
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    _add_device_args(b)
+    b.add_argument("--json", default=None, metavar="FILE")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="print a checkpoint's method, ratio and rank allocation")
     i.add_argument("path")
@@ -166,7 +193,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
                 lr=args.lora_lr)
     if args.update != "lora" and any(v is not None for v in lora.values()):
         raise update.ConfigError("--lora-* settings need --update lora")
-    update_config = update.make_update(args.update, **lora)
+    if args.update != "refit" and args.refit_target is not None:
+        raise update.ConfigError("--refit-target needs --update refit")
+    update_config = update.make_update(
+        args.update, **(lora if args.update == "lora" else {"target": args.refit_target}))
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     device, dtype = _device(args)
     start = time.perf_counter()
@@ -201,6 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     }
     _print_module_summary(report)
     _print_closing_table(figures)
+    _write_json(out / RUN_FILE, figures)
     _write_json(args.json, figures)
 
 
@@ -249,6 +280,63 @@ def cmd_eval(args: argparse.Namespace) -> None:
                "nonfinite_windows": result.nonfinite_windows, "peak_rss_mb": peak_rss_mb()}
     _print_table(figures)
     _write_json(args.json, figures)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Streams a greedy continuation of ``--prompt`` to stdout."""
+    from . import models
+    from .errors import ConfigError
+    from .inference import generate
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    device, dtype = _device(args)
+    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat)
+    print()
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Times prefill and decode of the dense and the compressed model, interleaved, at every
+    batch size × prompt length; prints the table and the decode speedup against the
+    weight-bytes ratio."""
+    from . import models
+    from .checkpoint import validate_checkpoint
+    from .errors import ConfigError
+    from .inference import compare_speed, print_speed_table, speedups
+    from .pipeline import to_dense
+
+    for flag in ("batch_sizes", "prompt_lens", "repeats"):
+        values = getattr(args, flag)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.new_tokens < 0:
+        raise ConfigError("--new-tokens must not be negative")
+    validate_checkpoint(args.model)
+    device, dtype = _device(args)
+    compressed, _ = models.load_model(args.model, dtype=dtype, device=device)
+    if args.dense:
+        dense, _ = models.load_model(args.dense, dtype=dtype, device=device)
+    else:
+        dense, _ = models.load_model(args.model, dtype=dtype, device=device)
+        dense = to_dense(dense)
+    rows = []
+    for batch in args.batch_sizes:
+        for length in args.prompt_lens:
+            rows += [r.as_dict() for r in compare_speed(
+                {"dense": dense, "compressed": compressed}, batch, length, args.new_tokens,
+                args.repeats)]
+    figures = {"model": args.model, "device": device, "dtype": args.dtype,
+               "torch_threads": _threads(), "rows": rows, **speedups(rows)}
+    print_speed_table(figures)
+    _write_json(Path(args.model) / BENCH_FILE, figures)
+    _write_json(args.json, figures)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -384,7 +472,7 @@ def _print_table(figures: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def _write_json(path: str | None, figures: dict) -> None:
+def _write_json(path: str | Path | None, figures: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(figures, indent=2) + "\n")
 
