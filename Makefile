@@ -3,7 +3,9 @@
 #   make test   set up, then run the test suite
 # `make setup` is idempotent: it creates .venv/, installs torch (CPU build when no NVIDIA
 # GPU is present: a CPU wheel pip already has locally, else the PyTorch CPU index), rankcut
-# with its dev extras, and fetches the offline assets.
+# with its dev extras, and fetches the offline assets. It also installs the Debian `chromium`
+# package (needed by the report tests) when no chromium binary is on PATH and it runs as root
+# or with password-less sudo.
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,9 +15,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench assets clean
+.PHONY: setup run test lint bench assets browser clean
 
-setup: $(STAMP) assets
+setup: $(STAMP) assets browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,23 @@ $(STAMP): pyproject.toml
 
 assets: $(STAMP)
 	$(VENV)/bin/rankcut assets
+
+# headless Chromium for tests/test_report.py; idempotent, apt-get only when missing
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: no chromium on PATH and no apt-get; install Chromium to run the report tests"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "browser: no chromium on PATH; run 'apt-get install chromium' as root"; exit 0; fi; \
+	  echo "browser: installing the Debian chromium package (apt-get update && apt-get install -y chromium)"; \
+	  if $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	     $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  then echo "browser: installed $$(command -v chromium)"; \
+	  else echo "browser: installing chromium failed; the report tests need it"; fi; \
+	fi
 
 run: setup
 	$(VENV)/bin/rankcut compress

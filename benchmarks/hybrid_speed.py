@@ -1,10 +1,11 @@
 """Forward-pass cost of int8 factor rows (dequantized on the fly) on SmolLM2 layer shapes.
 
 For each shape, times y = layer(x) on ``--tokens`` tokens for the dense ``nn.Linear``, a
-16-bit-free ``LowRankLinear`` (all rows in the model dtype) and the same factors with every
-row in int8, in one process, and prints the time relative to dense.
+``LowRankLinear`` with all rows in the model dtype and the same factors with every row in
+int8, interleaved in one process, and prints the time relative to dense.
 
-    .venv/bin/python benchmarks/hybrid_speed.py
+    .venv/bin/python benchmarks/hybrid_speed.py                 # prefill-sized: 2048 tokens
+    .venv/bin/python benchmarks/hybrid_speed.py --tokens 1 --repeats 2000   # decode-sized
 
 Writes JSON (default ``bench-out/hybrid_speed.json``).
 """
@@ -20,15 +21,24 @@ SHAPES = {"q_proj/o_proj": (576, 576), "gate_proj/up_proj": (1536, 576),
           "down_proj": (576, 1536)}
 
 
-def _seconds(layer, x, repeats: int) -> float:
+def _interleaved_seconds(layers: dict, x, repeats: int, rounds: int = 7) -> dict[str, float]:
+    """Median over ``rounds`` of the mean time of ``repeats`` calls, the layers taking turns
+    in every round (robust to a shared, noisy machine)."""
+    import statistics
+
     import torch
 
+    samples: dict[str, list[float]] = {name: [] for name in layers}
     with torch.no_grad():
-        layer(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
+        for layer in layers.values():
             layer(x)
-    return (time.perf_counter() - start) / repeats
+        for _ in range(rounds):
+            for name, layer in layers.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    layer(x)
+                samples[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         every = torch.ones(rank, dtype=torch.bool)
         hybrid = LowRankLinear.from_factors(w_u, w_v, plan=RowPlan(every, every))
         x = torch.randn(args.tokens, n)
-        times = {name: _seconds(layer, x, args.repeats)
-                 for name, layer in (("dense", dense), ("low-rank", low), ("int8", hybrid))}
+        times = _interleaved_seconds({"dense": dense, "low-rank": low, "int8": hybrid}, x,
+                                     args.repeats)
         rows.append({"shape": label, "m": m, "n": n, "rank": rank, **times})
     print(f"\n{'shape':<20}{'rank':>6}{'dense ms':>10}{'low-rank':>10}{'int8':>10}"
           f"{'int8/low-rank':>15}")

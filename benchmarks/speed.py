@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.checkpoints:
         compressed = rankcut.from_pretrained(path, device=args.device)
         entry = compressed.config.quantization_config
+        entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
         rows = []
         for batch in args.batch_sizes:
             for length in args.prompt_lens:

@@ -41,6 +41,10 @@ def test_round_trip_gives_bit_identical_logits(compressed, saved, calib_ids, loa
         loaded = AutoModelForCausalLM.from_pretrained(saved)
     assert isinstance(loaded.model.layers[1].mlp.up_proj, rankcut.LowRankLinear)
     assert torch.equal(_logits(loaded, calib_ids[:2]), reference)
+    # W_u is kept column-major after loading too (the fast decode layout)
+    for module in loaded.modules():
+        if isinstance(module, rankcut.LowRankLinear):
+            assert module.weight_u.stride()[0] == 1
 
 
 def test_config_carries_the_rank_map(compressed, saved):

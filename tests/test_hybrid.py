@@ -61,6 +61,10 @@ def test_hybrid_layer_stores_int8_and_computes_the_product():
     torch.testing.assert_close(layer.dense_weight(), expected, atol=1e-5, rtol=1e-5)
     x = torch.randn(3, 10, generator=g)
     torch.testing.assert_close(layer(x), x @ expected.T + bias, atol=1e-5, rtol=1e-5)
+    for tokens in (4, 40):  # decode-sized (no factor assembled) and prefill-sized calls
+        batched = torch.randn(2, tokens, 10, generator=g)  # [batch, tokens, in]
+        torch.testing.assert_close(layer(batched), batched @ expected.T + bias, atol=1e-5,
+                                   rtol=1e-5)
     # a layer rebuilt from the layout loads the state dict and gives the same output
     layout = {k: v for k, v in layer.layout.items() if k != "rank"}
     again = LowRankLinear(10, 12, 6, bias=True, **layout)

@@ -61,10 +61,15 @@ def test_cache_bytes_of_nested_containers():
 def test_cli_bench_prints_speedups_and_writes_json(compressed_dir, tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", str(compressed_dir), "--batch-sizes", "1", "--prompt-lens", "8", "16",
-                 "--new-tokens", "2", "--repeats", "1", "--device", "cpu",
+                 "--new-tokens", "2", "--repeats", "1", "--device", "cpu", "--latent-values",
                  "--json", str(path)]) == 0
     figures = json.loads(path.read_text())
-    assert len(figures["rows"]) == 4 and len(figures["speedups"]) == 2
+    assert len(figures["rows"]) == 6 and len(figures["speedups"]) == 4
+    latent = [s for s in figures["speedups"] if s["model"] == "compressed+latent-v"]
+    plain = [s for s in figures["speedups"] if s["model"] == "compressed"]
+    assert len(latent) == len(plain) == 2
+    for a, b in zip(latent, plain, strict=True):
+        assert a["kv_cache_ratio"] < b["kv_cache_ratio"] == 1.0
     assert figures["weight_byte_ratio"] > 1
     assert json.loads((compressed_dir / "rankcut_bench.json").read_text()) == figures
     assert "decode tok/s" in capsys.readouterr().out
@@ -82,6 +87,15 @@ def test_cli_generate_streams_greedy_tokens(compressed_dir, capsys):
     assert main(["generate", str(compressed_dir), "--prompt", "w1 w2 w3", "--max-new-tokens",
                  "4", "--no-chat", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == first and first.strip()  # greedy: deterministic
+
+
+def test_cli_generate_with_latent_values_writes_the_same(compressed_dir, capsys):
+    args = ["generate", str(compressed_dir), "--prompt", "w5 w6", "--max-new-tokens", "6",
+            "--no-chat", "--device", "cpu"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--latent-values"]) == 0
+    assert capsys.readouterr().out == plain
 
 
 def test_cli_generate_rejects_zero_tokens(compressed_dir, capsys):

@@ -47,6 +47,13 @@ WIKI_DUMP = WheelMember(
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
     "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 )
+#: Mikolov et al.'s word analogies (``: section`` headers, then ``a b c d`` lines), the source
+#: of the ``rankcut_analogies`` zero-shot task (:mod:`rankcut.zeroshot`).
+ANALOGIES = WheelMember(
+    "gensim==4.4.0",
+    "gensim/test/test_data/questions-words.txt",
+    "8c29b3332afc46f3fb8be04cb5297bf96f39aa7131272dff57869b4485b22a36",
+)
 SMOLLM2_DIR = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".complete"
 WIKI_PARTS = ("calib", "test")
@@ -296,5 +303,8 @@ def wiki_text(part: str) -> str:
 
 
 def ensure_all() -> dict[str, Path]:
-    """Fetch and build every offline asset; return ``{"smollm2": folder, "wiki": folder}``."""
-    return {"smollm2": ensure_smollm2(), "wiki": ensure_wiki()}
+    """Fetch and build every offline asset; return ``{"smollm2": folder, "wiki": folder,
+    "analogies": the rankcut_analogies JSONL}``."""
+    from .zeroshot import ensure_analogies
+
+    return {"smollm2": ensure_smollm2(), "wiki": ensure_wiki(), "analogies": ensure_analogies()}

@@ -84,6 +84,9 @@ class RankcutHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():
+            if isinstance(module, LowRankLinear):
+                module.use_fast_layout_()
         return model
 
     def is_serializable(self, **kwargs) -> bool:
@@ -152,12 +155,18 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
         The output folder.
 
     Raises:
-        CheckpointError: the model carries no rankcut ``quantization_config``.
+        CheckpointError: the model carries no rankcut ``quantization_config``, or the
+            latent value cache (an inference-time switch) is on.
     """
+    from .valuecache import uses_latent_values
+
     path = Path(path)
     entry = _rankcut_entry(model.config)
     if entry is None:
         raise CheckpointError("model has no rankcut quantization_config; compress it first")
+    if uses_latent_values(model):
+        raise CheckpointError("the latent value cache is on; call "
+                              "rankcut.valuecache.disable_latent_values(model) before saving")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     for name, rank in entry["rank_map"].items():
         if rank:

@@ -1,4 +1,5 @@
-"""The ``rankcut`` command line: compress | eval | generate | bench | info | export | assets."""
+"""The ``rankcut`` command line: compress | eval | generate | bench | info | export | report |
+assets."""
 
 from __future__ import annotations
 
@@ -102,9 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", default=None, metavar="FILE", help="write the run's figures here")
     c.set_defaults(func=cmd_compress)
 
-    e = sub.add_parser("eval", help="perplexity of a dense or compressed model")
+    e = sub.add_parser("eval", help="perplexity or zero-shot accuracy of a dense or "
+                                    "compressed model")
     e.add_argument("model", help="model folder, .gguf file or hub id ('smollm2' = bundled)")
     _add_eval_args(e, seqlen_flag="--seqlen", default_windows=None)
+    e.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="accuracy through lm-evaluation-harness instead of perplexity (add "
+                        "--eval/--eval-file for both): rankcut_analogies (offline), "
+                        "local:FILE.jsonl (offline), or an lm-eval task such as arc_easy (hub)")
+    e.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N documents of each task")
+    e.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="few-shot examples per query (default 0)")
+    e.add_argument("--task-batch-size", type=int, default=None, metavar="B",
+                   help="lm-eval batch size (default 16)")
+    e.set_defaults(eval=None)  # perplexity alongside --tasks only when asked for
     _add_device_args(e)
     e.add_argument("--json", default=None, metavar="FILE")
     e.set_defaults(func=cmd_eval)
@@ -115,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--no-chat", action="store_true",
                    help="feed the prompt as is instead of through the chat template")
+    g.add_argument("--latent-values", action="store_true",
+                   help="cache the latent W_v x of low-rank v_proj instead of the values")
     _add_device_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -126,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 512])
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--latent-values", action="store_true",
+                   help="also time the compressed model with the latent value cache")
     _add_device_args(b)
     b.add_argument("--json", default=None, metavar="FILE")
     b.set_defaults(func=cmd_bench)
@@ -139,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dense", action="store_true", required=True)
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="HTML page with plots from checkpoints and benchmark JSON")
+    r.add_argument("paths", nargs="+", metavar="PATH",
+                   help="rankcut checkpoint folders, quality- or speed-benchmark JSON files")
+    r.add_argument("--output", required=True, metavar="DIR",
+                   help="report folder (index.html and PNGs), replaced atomically")
+    r.set_defaults(func=cmd_report)
 
     a = sub.add_parser("assets", help="fetch and convert the offline model and text")
     a.set_defaults(func=cmd_assets)
@@ -267,19 +291,60 @@ def _perplexity(model, ids, args: argparse.Namespace) -> float:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Prints (and optionally writes) the perplexity of one model."""
+    """Prints (and optionally writes) the perplexity of one model, or with ``--tasks`` its
+    lm-eval task accuracies (and the perplexity too when --eval or --eval-file is given)."""
     from . import models
     from .evaluation import evaluate
 
+    task_settings = _task_settings(args)
     device, dtype = _device(args)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
-    result = evaluate(model, _eval_ids(args, tokenizer), seqlen=args.eval_seqlen,
-                      max_windows=args.max_windows)
-    figures = {"model": args.model, "perplexity": result.perplexity, "nll": result.nll,
-               "windows": result.windows, "tokens": result.tokens,
-               "nonfinite_windows": result.nonfinite_windows, "peak_rss_mb": peak_rss_mb()}
-    _print_table(figures)
+    figures: dict = {"model": args.model}
+    if not args.tasks or args.eval or args.eval_file:
+        args.eval = args.eval or "wiki"
+        result = evaluate(model, _eval_ids(args, tokenizer), seqlen=args.eval_seqlen,
+                          max_windows=args.max_windows)
+        figures.update(perplexity=result.perplexity, nll=result.nll, windows=result.windows,
+                       tokens=result.tokens, nonfinite_windows=result.nonfinite_windows)
+    if args.tasks:
+        figures.update(_run_tasks(model, tokenizer, args.tasks, task_settings))
+    figures["peak_rss_mb"] = peak_rss_mb()
+    _print_table({k: v for k, v in figures.items() if k not in ("tasks", "task_settings")})
+    if args.tasks:
+        from .zeroshot import format_table
+
+        print("\n" + format_table(figures["tasks"]))
     _write_json(args.json, figures)
+
+
+def _task_settings(args: argparse.Namespace) -> dict:
+    """Returns the lm-eval settings of ``rankcut eval``; ConfigError when they are set without
+    --tasks."""
+    from .errors import ConfigError
+
+    given = {"limit": args.limit, "num_fewshot": args.num_fewshot,
+             "batch_size": args.task_batch_size}
+    if not args.tasks:
+        flags = {"limit": "--limit", "num_fewshot": "--num-fewshot",
+                 "batch_size": "--task-batch-size"}
+        unused = [flags[k] for k, v in given.items() if v is not None]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} only apply with --tasks")
+    defaults = {"limit": None, "num_fewshot": 0, "batch_size": 16}
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+def _run_tasks(model, tokenizer, tasks: list[str], settings: dict) -> dict:
+    """Runs the lm-eval tasks; returns ``{"tasks": results, "task_settings": ...,
+    "task_seconds": ...}`` (lm-eval's INFO logs are shown only with --verbose)."""
+    from .zeroshot import evaluate_tasks
+
+    if not logger.isEnabledFor(logging.DEBUG):
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    results = evaluate_tasks(model, tokenizer, tasks, seed=0, **settings)
+    return {"tasks": results, "task_settings": {**settings, "seed": 0},
+            "task_seconds": time.perf_counter() - start}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -287,11 +352,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from . import models
     from .errors import ConfigError
     from .inference import generate
+    from .valuecache import enable_latent_values
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
     device, dtype = _device(args)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    if args.latent_values and not enable_latent_values(model):
+        raise ConfigError("--latent-values: this model has no low-rank v_proj")
     generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat)
     print()
 
@@ -305,6 +373,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .errors import ConfigError
     from .inference import compare_speed, print_speed_table, speedups
     from .pipeline import to_dense
+    from .valuecache import enable_latent_values
 
     for flag in ("batch_sizes", "prompt_lens", "repeats"):
         values = getattr(args, flag)
@@ -320,12 +389,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         dense, _ = models.load_model(args.model, dtype=dtype, device=device)
         dense = to_dense(dense)
+    contenders = {"dense": dense, "compressed": compressed}
+    if args.latent_values:
+        latent, _ = models.load_model(args.model, dtype=dtype, device=device)
+        if not enable_latent_values(latent):
+            raise ConfigError("--latent-values: this checkpoint has no low-rank v_proj")
+        contenders["compressed+latent-v"] = latent
     rows = []
     for batch in args.batch_sizes:
         for length in args.prompt_lens:
-            rows += [r.as_dict() for r in compare_speed(
-                {"dense": dense, "compressed": compressed}, batch, length, args.new_tokens,
-                args.repeats)]
+            rows += [r.as_dict() for r in compare_speed(contenders, batch, length,
+                                                        args.new_tokens, args.repeats)]
     figures = {"model": args.model, "device": device, "dtype": args.dtype,
                "torch_threads": _threads(), "rows": rows, **speedups(rows)}
     print_speed_table(figures)
@@ -397,6 +471,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     write_dir_atomically(args.output, lambda tmp: (model.save_pretrained(tmp),
                                                    tokenizer.save_pretrained(tmp)))
     print(f"dense checkpoint written to {args.output}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Writes the HTML report of ``args.paths`` into ``args.output`` and prints its path."""
+    from .report import write_report
+
+    page = write_report(args.paths, args.output)
+    print(f"report written to {page}")
 
 
 def cmd_assets(args: argparse.Namespace) -> None:

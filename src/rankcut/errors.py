@@ -27,3 +27,13 @@ class ConfigError(RankcutError):
 
 class CheckpointError(RankcutError):
     """A rankcut checkpoint is missing, partial, corrupt, or of an unknown format version."""
+
+
+class TaskError(RankcutError):
+    """A zero-shot task is unknown, its local file is missing or malformed, or its data is
+    on a hub that cannot be reached."""
+
+
+class ReportError(RankcutError):
+    """A report input is missing or of an unknown kind, the inputs hold no usable data, or
+    the output folder is not one a report may replace."""

@@ -179,17 +179,19 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int, prompt_len: int
 
 
 def speedups(rows: list[dict]) -> dict:
-    """Returns the weight-bytes ratio dense / compressed and, per shape, the compressed
-    model's speedups over the dense one, from ``compare_speed`` rows of two models (dense
-    first) as dicts."""
-    dense = [r for r in rows if r["model"] == "dense"]
-    small = [r for r in rows if r["model"] != "dense"]
-    byte_ratio = dense[0]["weight_bytes"] / small[0]["weight_bytes"]
+    """Returns, from ``compare_speed`` rows (as dicts) that include a ``"dense"`` model,
+    the weight-bytes ratio dense / compressed and one entry per shape and other model with
+    its speedups over dense and its KV-cache bytes relative to dense."""
+    dense = {(r["batch_size"], r["prompt_len"]): r for r in rows if r["model"] == "dense"}
+    others = [r for r in rows if r["model"] != "dense"]
+    byte_ratio = next(iter(dense.values()))["weight_bytes"] / others[0]["weight_bytes"]
     shapes = []
-    for d, c in zip(dense, small, strict=True):
+    for c in others:
+        d = dense[(c["batch_size"], c["prompt_len"])]
         decode = (c["decode_tokens_per_s"] / d["decode_tokens_per_s"]
                   if d["decode_tokens_per_s"] else None)
-        shapes.append({"batch_size": d["batch_size"], "prompt_len": d["prompt_len"],
+        shapes.append({"model": c["model"], "batch_size": c["batch_size"],
+                       "prompt_len": c["prompt_len"],
                        "prefill_speedup": c["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
                        "decode_speedup": decode,
                        "decode_vs_byte_ratio": decode / byte_ratio if decode else None,
@@ -198,17 +200,24 @@ def speedups(rows: list[dict]) -> dict:
 
 
 def print_speed_table(f: dict) -> None:
-    """Prints one line per shape: tokens/s of both models, speedups, decode vs bytes."""
+    """Prints one line per shape and model: tokens/s, speedups over dense, decode speedup
+    relative to the weight-bytes ratio, and KV-cache bytes relative to dense."""
     print(f"\n{f['model']} on {f['device']} ({f['dtype']}, {f['torch_threads']} threads); "
           f"weight bytes dense / compressed = {f['weight_byte_ratio']:.3f}")
-    print(f"{'batch':>6}{'prompt':>8}{'prefill tok/s d / c':>24}{'×':>7}"
-          f"{'decode tok/s d / c':>22}{'×':>7}{'× / bytes':>11}")
-    rows = iter(f["rows"])
+    print(f"{'model':<20}{'batch':>6}{'prompt':>8}{'prefill tok/s':>15}{'×':>7}"
+          f"{'decode tok/s':>14}{'×':>7}{'× / bytes':>11}{'KV cache':>10}")
+    dense = {(r["batch_size"], r["prompt_len"]): r for r in f["rows"] if r["model"] == "dense"}
+    printed = set()
     for shape in f["speedups"]:
-        d, c = next(rows), next(rows)
-        decode = shape["decode_speedup"]
-        print(f"{shape['batch_size']:>6}{shape['prompt_len']:>8}"
-              f"{d['prefill_tokens_per_s']:>12.0f} /{c['prefill_tokens_per_s']:>9.0f}"
-              f"{shape['prefill_speedup']:>7.2f}"
-              f"{d['decode_tokens_per_s']:>11.1f} /{c['decode_tokens_per_s']:>8.1f}"
-              f"{decode or 0:>7.2f}{shape['decode_vs_byte_ratio'] or 0:>11.2f}")
+        key = (shape["batch_size"], shape["prompt_len"])
+        d = dense[key]
+        c = next(r for r in f["rows"] if r["model"] == shape["model"]
+                 and (r["batch_size"], r["prompt_len"]) == key)
+        if key not in printed:
+            printed.add(key)
+            print(f"{'dense':<20}{key[0]:>6}{key[1]:>8}{d['prefill_tokens_per_s']:>15.0f}"
+                  f"{'':>7}{d['decode_tokens_per_s']:>14.1f}")
+        print(f"{shape['model']:<20}{key[0]:>6}{key[1]:>8}{c['prefill_tokens_per_s']:>15.0f}"
+              f"{shape['prefill_speedup']:>7.2f}{c['decode_tokens_per_s']:>14.1f}"
+              f"{shape['decode_speedup'] or 0:>7.2f}{shape['decode_vs_byte_ratio'] or 0:>11.2f}"
+              f"{shape['kv_cache_ratio']:>10.3f}")

@@ -474,11 +474,15 @@ def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
 def to_dense(model: nn.Module) -> nn.Module:
     """Replaces every ``LowRankLinear`` by an equivalent ``nn.Linear``, in place.
 
-    Side effects: removes ``quantization_config`` from ``model.config``.
+    Side effects: removes ``quantization_config`` from ``model.config`` and turns the
+    latent value cache off.
 
     Returns:
         The same model, now dense.
     """
+    from .valuecache import disable_latent_values
+
+    disable_latent_values(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear):
             model.set_submodule(name, module.to_dense())
