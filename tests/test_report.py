@@ -14,7 +14,8 @@ import pytest
 from matplotlib import image as mpimg
 
 from rankcut import report
-from rankcut.cli import BENCH_FILE, main
+from rankcut.checkpoint import BENCH_FILE
+from rankcut.cli import main
 
 from .conftest import tiny_model, tiny_tokenizer, word_text
 from .test_cli import _compress

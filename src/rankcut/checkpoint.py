@@ -39,6 +39,9 @@ from .modules import LowRankLinear
 
 logger = logging.getLogger(__name__)
 
+RUN_FILE = "rankcut_run.json"  # `rankcut compress` writes its figures next to the checkpoint
+BENCH_FILE = "rankcut_bench.json"  # `rankcut bench` writes its speed table there
+
 QUANT_METHOD = "rankcut"
 SUPPORTED_FORMATS = (1,)
 MARKER_SUFFIX = ".weight"

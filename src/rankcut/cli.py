@@ -12,13 +12,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import RankcutError
 from .models import module_type
 
 logger = logging.getLogger("rankcut")
 
-RUN_FILE = "rankcut_run.json"  # compress writes its figures next to the checkpoint
-BENCH_FILE = "rankcut_bench.json"  # bench writes its speed table next to the checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

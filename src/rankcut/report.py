@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import BENCH_FILE, RUN_FILE
+from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import ReportError
 from .models import module_type
 
