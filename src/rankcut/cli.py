@@ -205,6 +205,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     import torch
 
     from . import checkpoint, data, methods, models, pipeline, update
+    from .inference import weight_bytes
 
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
@@ -230,7 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen, args.seed)
     eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
     dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
-    dense_bytes = _param_bytes(model)
+    dense_bytes = weight_bytes(model)
     torch.manual_seed(args.seed)
     report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
                                rank_map=rank_map, update=update_config)
@@ -243,7 +244,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "target_ratio": config.ratio, "achieved_ratio": report.achieved_ratio,
         "achieved_byte_ratio": report.achieved_byte_ratio,
         "target_params_dense": report.dense_params, "target_params_kept": report.kept_params,
-        "model_bytes_dense": dense_bytes, "model_bytes": _param_bytes(model),
+        "model_bytes_dense": dense_bytes, "model_bytes": weight_bytes(model),
         "dense_perplexity": dense_ppl, "perplexity": ppl,
         "stage_losses": report.stage_losses,
         "update": report.update.settings if report.update else None,
@@ -500,12 +501,6 @@ def peak_gpu_mb() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated() / 2**20
-
-
-def _param_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers (int8 factor rows included)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _print_module_summary(report) -> None:
