@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .hybrid import RowPlan, component_order, dequantize_rows, quantize_rows
 
 DEQUANTIZE_ONCE_TOKENS = 64  # from this many tokens per call, int8 factors are dequantized
@@ -158,8 +159,9 @@ class LowRankLinear(nn.Module):
 
         With int8 rows and many tokens (prefill) the factors are dequantized once per call,
         a cost spread over the tokens; with few tokens (decode) no factor is assembled:
-        each int8 block is cast to the activation dtype (a cache-sized temporary) and its
-        scales are applied to the r-dimensional activations.
+        the int8 blocks go through the fused kernels of ``rankcut.kernels`` (read once,
+        converted in registers) and the u-side scales are applied to the r-dimensional
+        activations.
         """
         if not (self.u_int8 or self.v_int8):
             return F.linear(F.linear(x, self.weight_v), self.weight_u, self.bias)
@@ -170,20 +172,24 @@ class LowRankLinear(nn.Module):
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """z = W_v x, [..., rank]; int8 rows: (x · intsᵀ) · scale."""
-        z = F.linear(x, self.weight_v)
         if not self.v_int8:
-            return z
-        ints = F.linear(x, self.weight_v_int8.to(x.dtype)) * self.weight_v_scale.to(x.dtype)
+            return F.linear(x, self.weight_v)
+        ints = kernels.rows_dot(x, self.weight_v_int8, self.weight_v_scale)
+        if self.v_int8 == self.rank:
+            return ints
+        z = F.linear(x, self.weight_v)
         a = self.v_int8_start
         return torch.cat([z[..., :a], ints, z[..., a:]], dim=-1)
 
     def _up(self, z: torch.Tensor) -> torch.Tensor:
         """y = W_u z + b; int8 columns of W_u: (z · scale) @ ints (ints stored [u_int8, out])."""
-        y = F.linear(z[..., self.u_int8:], self.weight_u, self.bias)
         if not self.u_int8:
-            return y
+            return F.linear(z, self.weight_u, self.bias)
         scaled = z[..., : self.u_int8] * self.weight_u_scale.to(z.dtype)
-        return y + scaled @ self.weight_u_int8.to(z.dtype)
+        y = kernels.rows_axpy(scaled, self.weight_u_int8)
+        if self.u_int8 < self.rank:
+            y = y + F.linear(z[..., self.u_int8:], self.weight_u)
+        return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
         """Returns the product W_u W_v, shape [out, in], in the parameters' dtype."""
