@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +81,15 @@ torch::Tensor rows_axpy(torch::Tensor z, torch::Tensor ints) {
 @functools.cache
 def compiled():
     """Returns the compiled kernel module, or None when it cannot be built here (logged
-    once). Side effect: the first call compiles (tens of seconds) into torch's cache."""
+    once). Side effects: the first call compiles (tens of seconds) into torch's cache; when
+    no ``ninja`` is on PATH, the pip ``ninja`` package's folder is appended to PATH."""
     try:
         from torch.utils.cpp_extension import load_inline
+
+        if shutil.which("ninja") is None:
+            import ninja
+
+            os.environ["PATH"] += os.pathsep + ninja.BIN_DIR
 
         return load_inline("rankcut_int8_rows", cpp_sources=_SOURCE,
                            functions=["rows_dot", "rows_axpy"],
