@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import rankcut
-    from rankcut.inference import compare_speed, print_speed_table, speedups
+    from rankcut.inference import benchmark, print_speed_table
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -102,17 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         compressed = rankcut.from_pretrained(path, device=args.device)
         entry = compressed.config.quantization_config
         entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
-        rows = []
-        for batch in args.batch_sizes:
-            for length in args.prompt_lens:
-                rows += [r.as_dict() for r in compare_speed(
-                    {"dense": dense, "compressed": compressed}, batch, length, args.new_tokens,
-                    args.repeats)]
         figures = {"model": path, "method": entry["method"],
                    "target_ratio": entry.get("target_ratio"),
                    "achieved_ratio": entry.get("achieved_ratio"), "device": args.device,
                    "dtype": str(next(compressed.parameters()).dtype).removeprefix("torch."),
-                   "torch_threads": torch.get_num_threads(), "rows": rows, **speedups(rows)}
+                   **benchmark({"dense": dense, "compressed": compressed}, args.batch_sizes,
+                               args.prompt_lens, args.new_tokens, args.repeats)}
         print_speed_table(figures)
         results.append(figures)
         del compressed

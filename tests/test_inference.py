@@ -75,6 +75,27 @@ def test_cli_bench_prints_speedups_and_writes_json(compressed_dir, tmp_path, cap
     assert "decode tok/s" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-sizes", "0"], "--batch-sizes must be at least 1"),
+    (["--prompt-lens", "8", "-1"], "--prompt-lens must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--new-tokens", "-2"], "--new-tokens must not be negative"),
+])
+def test_cli_bench_rejects_bad_settings(compressed_dir, capsys, flags, message):
+    assert main(["bench", str(compressed_dir), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (compressed_dir / "rankcut_bench.json").exists()
+
+
+def test_cli_bench_latent_values_need_a_low_rank_v_proj(model_dir, calib_file, tmp_path,
+                                                        capsys):
+    out = tmp_path / "no-v"
+    assert _compress(model_dir, calib_file, out, "--method", "svd", "--exclude", "*.v_proj",
+                     "--no-eval") == 0
+    assert main(["bench", str(out), "--latent-values", "--prompt-lens", "8"]) == 2
+    assert "no low-rank v_proj" in capsys.readouterr().err
+
+
 def test_cli_bench_needs_a_rankcut_checkpoint(model_dir, capsys):
     assert main(["bench", str(model_dir)]) == 2
     assert "rankcut" in capsys.readouterr().err

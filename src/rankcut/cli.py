@@ -19,7 +19,6 @@ from .models import module_type
 logger = logging.getLogger("rankcut")
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the process exit code (2 for a rankcut error)."""
     args = build_parser().parse_args(argv)
@@ -371,16 +370,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from . import models
     from .checkpoint import validate_checkpoint
     from .errors import ConfigError
-    from .inference import compare_speed, print_speed_table, speedups
+    from .inference import benchmark, check_bench_settings, print_speed_table
     from .pipeline import to_dense
     from .valuecache import enable_latent_values
 
-    for flag in ("batch_sizes", "prompt_lens", "repeats"):
-        values = getattr(args, flag)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.new_tokens < 0:
-        raise ConfigError("--new-tokens must not be negative")
+    check_bench_settings(args.batch_sizes, args.prompt_lens, args.new_tokens, args.repeats)
     validate_checkpoint(args.model)
     device, dtype = _device(args)
     compressed, _ = models.load_model(args.model, dtype=dtype, device=device)
@@ -395,22 +389,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not enable_latent_values(latent):
             raise ConfigError("--latent-values: this checkpoint has no low-rank v_proj")
         contenders["compressed+latent-v"] = latent
-    rows = []
-    for batch in args.batch_sizes:
-        for length in args.prompt_lens:
-            rows += [r.as_dict() for r in compare_speed(contenders, batch, length,
-                                                        args.new_tokens, args.repeats)]
     figures = {"model": args.model, "device": device, "dtype": args.dtype,
-               "torch_threads": _threads(), "rows": rows, **speedups(rows)}
+               **benchmark(contenders, args.batch_sizes, args.prompt_lens, args.new_tokens,
+                           args.repeats)}
     print_speed_table(figures)
     _write_json(Path(args.model) / BENCH_FILE, figures)
     _write_json(args.json, figures)
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def cmd_info(args: argparse.Namespace) -> None:

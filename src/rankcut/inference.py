@@ -178,6 +178,37 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int, prompt_len: int
     return results
 
 
+def check_bench_settings(batch_sizes: list[int], prompt_lens: list[int], new_tokens: int,
+                         repeats: int) -> None:
+    """Raises ConfigError for a batch size, prompt length or repeat count below 1, or a
+    negative number of new tokens."""
+    from .errors import ConfigError
+
+    for flag, values in (("batch-sizes", batch_sizes), ("prompt-lens", prompt_lens),
+                         ("repeats", [repeats])):
+        if min(values) < 1:
+            raise ConfigError(f"--{flag} must be at least 1")
+    if new_tokens < 0:
+        raise ConfigError("--new-tokens must not be negative")
+
+
+def benchmark(models: dict[str, nn.Module], batch_sizes: list[int], prompt_lens: list[int],
+              new_tokens: int, repeats: int) -> dict:
+    """Runs ``compare_speed`` at every batch size × prompt length (``models`` must include
+    ``"dense"``).
+
+    Returns:
+        ``{"torch_threads", "rows": [SpeedResult dicts], "weight_byte_ratio", "speedups"}``.
+
+    Raises:
+        ConfigError: see ``check_bench_settings``.
+    """
+    check_bench_settings(batch_sizes, prompt_lens, new_tokens, repeats)
+    rows = [result.as_dict() for batch in batch_sizes for length in prompt_lens
+            for result in compare_speed(models, batch, length, new_tokens, repeats)]
+    return {"torch_threads": torch.get_num_threads(), "rows": rows, **speedups(rows)}
+
+
 def speedups(rows: list[dict]) -> dict:
     """Returns, from ``compare_speed`` rows (as dicts) that include a ``"dense"`` model,
     the weight-bytes ratio dense / compressed and one entry per shape and other model with

@@ -40,9 +40,6 @@ ANALOGY_FILE = "rankcut_analogies-v1.jsonl"
 ANALOGY_SEED = 0
 ANALOGY_PER_SECTION = 50
 ANALOGY_DISTRACTORS = 3
-#: Common lm-eval multiple-choice tasks; they (like any lm-eval task) need the hub.
-STANDARD_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag", "piqa",
-                  "mathqa")
 YAML_HEADER = "# written by rankcut.zeroshot; rewritten on every run (JSON is valid YAML)\n"
 
 
