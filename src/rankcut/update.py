@@ -144,36 +144,43 @@ def apply_update(model: nn.Module, config: UpdateConfig, originals: dict[str, nn
 
 @dataclass
 class PairedMoments:
-    """Second moments of a layer's original inputs x_o and compressed-model inputs x_c.
+    """Second moments of a layer's compressed-model inputs x_c and, when the target is the
+    original model's stream, of its original inputs x_o.
 
     Attributes:
-        oo: Σ x_o x_oᵀ; oc: Σ x_o x_cᵀ; cc: Σ x_c x_cᵀ (n×n float64); count: tokens.
+        cc: Σ x_c x_cᵀ (n×n float64).
+        oo, oc: Σ x_o x_oᵀ and Σ x_o x_cᵀ; None when the target is the compressed stream
+            itself (x_o = x_c), where both equal ``cc``.
+        count: tokens.
     """
 
-    oo: torch.Tensor
-    oc: torch.Tensor
     cc: torch.Tensor
+    oo: torch.Tensor | None = None
+    oc: torch.Tensor | None = None
     count: int = 0
 
     @classmethod
-    def zeros(cls, n: int, device: torch.device | str = "cpu") -> PairedMoments:
-        """Empty moments for inputs of dimension ``n``."""
-        return cls(*(torch.zeros(n, n, dtype=torch.float64, device=device) for _ in range(3)))
+    def zeros(cls, n: int, device: torch.device | str = "cpu",
+              paired: bool = True) -> PairedMoments:
+        """Empty moments for inputs of dimension ``n`` (``paired=False``: x_o = x_c)."""
+        def zero():
+            return torch.zeros(n, n, dtype=torch.float64, device=device)
+        return cls(zero(), zero(), zero()) if paired else cls(zero())
 
-    def update(self, x_o: torch.Tensor, x_c: torch.Tensor) -> None:
-        """Adds one batch of paired inputs (same tokens; ``x_o is x_c`` when the target is
-        the compressed stream itself). Mutates self."""
+    def update(self, x_c: torch.Tensor, x_o: torch.Tensor | None = None) -> None:
+        """Adds one batch of inputs (``x_o``: the same tokens in the original model, needed
+        when paired). Mutates self."""
         c = x_c.reshape(-1, x_c.shape[-1]).to(self.cc.device, torch.float32)
-        cc = c.T @ c
-        self.cc.add_(cc)
-        if x_o is x_c:
-            self.oo.add_(cc)
-            self.oc.add_(cc)
-        else:
+        self.cc.add_(c.T @ c)
+        if self.oo is not None:
             o = x_o.reshape(-1, x_o.shape[-1]).to(self.cc.device, torch.float32)
             self.oo.add_(o.T @ o)
             self.oc.add_(o.T @ c)
         self.count += c.shape[0]
+
+    def target_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (Σ x_o x_oᵀ, Σ x_o x_cᵀ), which are Σ x_c x_cᵀ when unpaired."""
+        return (self.cc, self.cc) if self.oo is None else (self.oo, self.oc)
 
 
 def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
@@ -192,9 +199,10 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
     device = moments.cc.device
     w, u, v = (t.detach().to(device, torch.float64) for t in (weight, w_u, w_v))
     n = max(1, moments.count)
+    oo, oc = moments.target_moments()
     a = v @ (moments.cc / n) @ v.T
-    b = w @ (moments.oc / n) @ v.T
-    base = float(torch.einsum("ij,jk,ik->", w, moments.oo / n, w))
+    b = w @ (oc / n) @ v.T
+    base = float(torch.einsum("ij,jk,ik->", w, oo / n, w))
 
     def error(candidate: torch.Tensor) -> float:
         return base - 2 * float((candidate * b).sum()) + float(((candidate @ a) * candidate).sum())
@@ -316,16 +324,16 @@ def _record_inputs(block, names: list[str], model, batches, source):
 
 def _paired_moments(block, layers: dict[str, nn.Module], seen, batches, source):
     """Runs ``block`` on the compressed stream and accumulates each of ``layers``' inputs,
-    paired with the original inputs recorded in ``seen`` (or with themselves when ``seen``
-    is None). Returns {layer: PairedMoments}."""
-    moments = {name: PairedMoments.zeros(layer.in_features, layer.weight_u.device)
+    paired with the original inputs recorded in ``seen`` (unpaired when ``seen`` is None).
+    Returns {layer: PairedMoments}."""
+    moments = {name: PairedMoments.zeros(layer.in_features, layer.weight_u.device,
+                                         paired=seen is not None)
                for name, layer in layers.items()}
     current: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def record(module, args, output):
-            x_c = args[0].detach()
-            moments[name].update(current.get(name, x_c), x_c)
+            moments[name].update(args[0].detach(), current.get(name))
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
