@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import RankcutError
-from .models import module_type
+from .models import block_number, module_type
 
 logger = logging.getLogger("rankcut")
 
@@ -426,9 +426,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _block_label(name: str) -> str:
-    parts = name.split(".")
-    digits = [p for p in parts if p.isdigit()]
-    return digits[0] if digits else "-"
+    number = block_number(name)
+    return "-" if number is None else str(number)
 
 
 def _print_rank_groups(title: str, groups: dict[str, dict]) -> None:

@@ -159,6 +159,12 @@ def block_index(name: str, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def block_number(name: str) -> int | None:
+    """Returns the first all-digit component of a qualified module name (3 in
+    ``model.layers.3.mlp.up_proj``), or None: the block index when no prefix is known."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
 def module_type(name: str) -> str:
     """Returns the last part of a qualified module name (``q_proj``, ``down_proj``, ...)."""
     return name.rsplit(".", 1)[-1]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import ReportError
-from .models import module_type
+from .models import block_number, module_type
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -293,15 +293,6 @@ def _method_label(method: str, update: Any) -> str:
     return str(method)
 
 
-def block_index(name: str) -> int | None:
-    """Returns the decoder-block index in a qualified module name (its first all-digit
-    component, e.g. 3 in ``model.layers.3.mlp.up_proj``), or None."""
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
 def tensor_shapes(path: Path) -> dict[str, list[int]]:
     """Returns {tensor name: shape} over a checkpoint's safetensors shards, read from the
     file headers only.
@@ -353,7 +344,7 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
     label = label or path.name
     run = load_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
     shapes = tensor_shapes(path)
-    modules = [ModuleRank(name, module_type(name), block_index(name), rank,
+    modules = [ModuleRank(name, module_type(name), block_number(name), rank,
                           full_rank(name, shapes))
                for name, rank in (entry.get("rank_map") or {}).items()]
     method = _method_label(entry.get("method", "?"), entry.get("update"))
