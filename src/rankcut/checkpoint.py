@@ -255,19 +255,27 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
                 "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def bytes_by_dtype(path: str | Path) -> dict[str, int]:
-    """Returns {safetensors dtype: bytes} over every tensor of a checkpoint's shards, read
+def tensor_specs(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """Returns {tensor name: (safetensors dtype, shape)} over a checkpoint's shards, read
     from the headers only (no weight is loaded)."""
-    totals: dict[str, int] = {}
+    specs: dict[str, tuple[str, list[int]]] = {}
     for shard in _shard_files(Path(path)):
         with safe_open(shard, framework="pt") as f:
             for key in f.keys():
                 piece = f.get_slice(key)
-                dtype = piece.get_dtype()
-                count = 1
-                for dim in piece.get_shape():
-                    count *= dim
-                totals[dtype] = totals.get(dtype, 0) + count * _DTYPE_BYTES.get(dtype, 0)
+                specs[key] = (piece.get_dtype(), list(piece.get_shape()))
+    return specs
+
+
+def bytes_by_dtype(path: str | Path) -> dict[str, int]:
+    """Returns {safetensors dtype: bytes} over every tensor of a checkpoint's shards, read
+    from the headers only (no weight is loaded)."""
+    totals: dict[str, int] = {}
+    for dtype, shape in tensor_specs(path).values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        totals[dtype] = totals.get(dtype, 0) + count * _DTYPE_BYTES.get(dtype, 0)
     return totals
 
 

@@ -22,7 +22,6 @@ import html
 import json
 import logging
 import math
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -293,25 +292,6 @@ def _method_label(method: str, update: Any) -> str:
     return str(method)
 
 
-def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """Returns {tensor name: shape} over a checkpoint's safetensors shards, read from the
-    file headers only.
-
-    Raises:
-        ReportError: a shard header is unreadable.
-    """
-    shapes: dict[str, list[int]] = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        try:
-            with shard.open("rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-        except (OSError, struct.error, ValueError) as err:
-            raise ReportError(f"cannot read the header of {shard}: {err}") from err
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
-    return shapes
-
-
 def full_rank(name: str, shapes: dict[str, list[int]]) -> int | None:
     """Returns min(out, in) of a module's dense weight, from its stored factors
     (``weight_u`` [m, r], ``weight_v`` [r, n], or their int8 parts) or its dense
@@ -335,7 +315,7 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
         ReportError: the folder has no config.json, or a figure file is not valid JSON.
         CheckpointError: the folder is not a whole rankcut checkpoint.
     """
-    from .checkpoint import bytes_by_dtype, validate_checkpoint
+    from .checkpoint import bytes_by_dtype, tensor_specs, validate_checkpoint
 
     if not (path / "config.json").is_file():
         raise ReportError(f"{path} is a folder but not a rankcut checkpoint: it has no "
@@ -343,7 +323,7 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
     entry = validate_checkpoint(path)
     label = label or path.name
     run = load_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
-    shapes = tensor_shapes(path)
+    shapes = {name: shape for name, (_, shape) in tensor_specs(path).items()}
     modules = [ModuleRank(name, module_type(name), block_number(name), rank,
                           full_rank(name, shapes))
                for name, rank in (entry.get("rank_map") or {}).items()]
