@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
     _add_device_args(c)
     c.add_argument("--output", default="rankcut-out")
+    c.add_argument("--stream", action="store_true",
+                   help="load one decoder block at a time from the safetensors shards, keep "
+                        "activations on disk, resume an interrupted run (models larger than "
+                        "memory)")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     _add_eval_args(c, seqlen_flag="--eval-seqlen", default_windows=20)
     c.add_argument("--json", default=None, metavar="FILE", help="write the run's figures here")
@@ -203,7 +208,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     """Loads, calibrates, compresses, saves, evaluates and prints the closing table."""
     import torch
 
-    from . import checkpoint, data, methods, models, pipeline, update
+    from . import checkpoint, methods, models, pipeline, update
     from .inference import weight_bytes
 
     config = methods.make_config(
@@ -223,11 +228,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     device, dtype = _device(args)
     start = time.perf_counter()
+    if args.stream:
+        if update_config is not None:
+            raise update.ConfigError("--update is not supported with --stream")
+        out, report, dense_ppl, ppl, dense_bytes, kept_bytes = _compress_streamed(
+            args, config, rank_map, device, dtype)
+        return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
+                                kept_bytes, start, device)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
-    calib = None
-    if config.needs_input_stats or config.needs_row_fisher or update_config is not None:
-        text = data.load_text(args.calib_file or args.calib, part="calib")
-        calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen, args.seed)
+    calib = _calibration(args, config, tokenizer, update_config is not None)
     eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
     dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
     dense_bytes = weight_bytes(model)
@@ -235,15 +244,72 @@ def cmd_compress(args: argparse.Namespace) -> None:
     report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
                                rank_map=rank_map, update=update_config)
     out = checkpoint.save_pretrained(model, args.output, tokenizer)
-    (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
     ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
+    _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
+                     weight_bytes(model), start, device)
+
+
+def _calibration(args: argparse.Namespace, config, tokenizer, always: bool):
+    """The calibration token ids, or None when the method and update need none."""
+    from . import data
+
+    if not (config.needs_input_stats or config.needs_row_fisher or always):
+        return None
+    text = data.load_text(args.calib_file or args.calib, part="calib")
+    return data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen, args.seed)
+
+
+def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype):
+    """``compress --stream``: compresses block by block from the shards (resuming an
+    interrupted run) and evaluates both models the same way.
+
+    Returns:
+        (output folder, report, dense perplexity, perplexity, dense bytes, output bytes).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import checkpoint, models, streaming
+    from .errors import ModelLoadError
+
+    folder = models.resolve_model_source(args.model)
+    if not Path(folder).is_dir():
+        raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib = _calibration(args, config, tokenizer, always=False)
+    eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
+
+    def perplexity(path):
+        if eval_ids is None:
+            return None
+        return streaming.streamed_perplexity(path, eval_ids, args.eval_seqlen,
+                                             args.max_windows, dtype, device).perplexity
+
+    dense_ppl = perplexity(folder)
+    report = streaming.compress_streaming(folder, args.output, config, calib, tokenizer,
+                                          args.include, args.exclude, args.batch_size, dtype,
+                                          device, rank_map)
+    itemsize = torch.empty(0, dtype=dtype).element_size()  # the source as loaded
+    dense_bytes = sum(math.prod(shape) * itemsize
+                      for _, shape in checkpoint.tensor_specs(folder).values())
+    kept_bytes = sum(checkpoint.bytes_by_dtype(args.output).values())
+    return Path(args.output), report, dense_ppl, perplexity(args.output), dense_bytes, kept_bytes
+
+
+def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kept_bytes,
+                     start, device) -> None:
+    """Writes rank_map.json and the run's figures, prints the summary and closing table."""
+    from . import models
+
+    (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
     figures = {
         "model": args.model or models.DEFAULT_MODEL, "method": config.name,
         "settings": config.settings(), "output": str(out),
         "target_ratio": config.ratio, "achieved_ratio": report.achieved_ratio,
         "achieved_byte_ratio": report.achieved_byte_ratio,
         "target_params_dense": report.dense_params, "target_params_kept": report.kept_params,
-        "model_bytes_dense": dense_bytes, "model_bytes": weight_bytes(model),
+        "model_bytes_dense": dense_bytes, "model_bytes": kept_bytes,
+        "streamed": bool(args.stream),
         "dense_perplexity": dense_ppl, "perplexity": ppl,
         "stage_losses": report.stage_losses,
         "update": report.update.settings if report.update else None,

@@ -57,6 +57,23 @@ def evaluate(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 2048,
     Raises:
         CalibrationError: the text is shorter than one window.
     """
+    windows = split_windows(token_ids, seqlen, max_windows)
+    device = next(model.parameters()).device
+    nll: list[float] = []
+    with torch.no_grad():
+        for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch"):
+            batch = batch.to(device)
+            nll.extend(window_nll(model(input_ids=batch, use_cache=False).logits, batch))
+    return summarize(nll, windows.shape[1] - 1)
+
+
+def split_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None
+                  ) -> torch.Tensor:
+    """Returns the first ``max_windows`` (default all) whole windows, [count, seqlen].
+
+    Raises:
+        CalibrationError: the text is shorter than one window.
+    """
     count = token_ids.numel() // seqlen
     if count == 0:
         raise CalibrationError(
@@ -64,24 +81,24 @@ def evaluate(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 2048,
         )
     if max_windows is not None:
         count = min(count, max_windows)
-    windows = token_ids[: count * seqlen].view(count, seqlen)
-    device = next(model.parameters()).device
-    total, tokens, bad = 0.0, 0, []
-    with torch.no_grad():
-        for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch"):
-            batch = windows[start:start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                  reduction="none").view(batch.shape[0], -1).double().sum(1)
-            for offset, value in enumerate(nll.tolist()):
-                if not math.isfinite(value):
-                    bad.append(start + offset)
-                total += value
-            tokens += batch[:, 1:].numel()
+    return token_ids[: count * seqlen].view(count, seqlen)
+
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    """Summed next-token NLL of each window of ``batch`` given its ``logits``."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                          reduction="none").view(batch.shape[0], -1).double().sum(1)
+    return nll.tolist()
+
+
+def summarize(nll: list[float], tokens_per_window: int) -> PerplexityResult:
+    """The perplexity of windows with summed NLLs ``nll``; logs the non-finite ones."""
+    bad = [i for i, value in enumerate(nll) if not math.isfinite(value)]
     if bad:
         logger.warning("non-finite loss in %d window(s): %s", len(bad), bad)
-    mean = total / tokens
+    tokens = len(nll) * tokens_per_window
+    mean = sum(nll) / tokens
     ppl = math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf")
     if math.isnan(mean):
         ppl = float("nan")
-    return PerplexityResult(ppl, mean, count, tokens, bad)
+    return PerplexityResult(ppl, mean, len(nll), tokens, bad)

@@ -1,0 +1,208 @@
+"""Streaming compression: block by block from shards, equal to the in-memory path,
+never more than one block in memory, resumable after SIGKILL, and its CLI."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rankcut import checkpoint, evaluation, methods, pipeline, streaming
+from rankcut.cli import main
+from rankcut.errors import ConfigError, ModelLoadError
+
+from .conftest import VOCAB, tiny_model, tiny_tokenizer
+
+
+def _sharded(tmp_path, kind="llama"):
+    """A tiny model saved as several safetensors shards, with a tokenizer."""
+    path = tmp_path / f"{kind}-src"
+    tiny_model(kind).save_pretrained(path, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(path)
+    assert len(list(path.glob("*.safetensors"))) > 2
+    return path
+
+
+def _in_memory(src, config, ids, out):
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    report = pipeline.compress(model, config, ids, batch_size=4)
+    checkpoint.save_pretrained(model, out)
+    return report
+
+
+def _assert_same_checkpoint(a, b, atol=1e-5):
+    sa = checkpoint.from_pretrained(a).state_dict()
+    sb = checkpoint.from_pretrained(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        scale = max(1.0, sa[key].float().abs().max().item()) if sa[key].numel() else 1.0
+        torch.testing.assert_close(sb[key].float(), sa[key].float(), atol=atol * scale, rtol=0,
+                                   msg=key)
+
+
+CASES = [
+    ("llama", "svd", {}),
+    ("llama", "svd-llm", {}),
+    ("llama", "svd-llm", {"sequential": True}),
+    ("llama", "asvd", {}),
+    ("llama", "svd-llm-v2", {}),
+    ("llama", "zero-sum", {"grad_samples": 5, "grad_batch_size": 2}),
+    ("llama", "io-svd", {}),
+    ("llama", "io-svd", {"kl_mode": "exact", "score": "both", "top_k": 3}),
+    ("llama", "io-svd", {"remap": "classic"}),
+    ("qwen2", "zero-sum", {}),
+    ("gemma3", "io-svd", {}),
+]
+
+
+@pytest.mark.parametrize("kind,method,settings", CASES,
+                         ids=[f"{k}-{m}-{'-'.join(s) or 'default'}" for k, m, s in CASES])
+def test_streamed_factors_equal_in_memory(tmp_path, calib_ids, kind, method, settings):
+    src = _sharded(tmp_path, kind)
+    config = methods.make_config(method, ratio=0.3, **settings)
+    expected = _in_memory(src, config, calib_ids, tmp_path / "memory")
+    report = streaming.compress_streaming(src, tmp_path / "streamed", config, calib_ids,
+                                          batch_size=4)
+    assert report.rank_map == expected.rank_map
+    assert report.achieved_ratio == pytest.approx(expected.achieved_ratio)
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    assert not list(tmp_path.glob(".*rankcut-work"))  # the work folder is removed
+
+
+def test_at_most_one_block_is_ever_loaded(tmp_path, calib_ids, monkeypatch):
+    src = _sharded(tmp_path)
+    seen = []
+    load = streaming.StreamedModel.load
+
+    def counting_load(self, module):
+        load(self, module)
+        loaded = [i for i, block in enumerate(self.blocks)
+                  if any(p.device.type != "meta" for p in block.parameters())]
+        head = self.model.get_output_embeddings().weight.device.type != "meta"
+        seen.append((len(loaded), head))
+        return module
+
+    monkeypatch.setattr(streaming.StreamedModel, "load", counting_load)
+    config = methods.make_config("io-svd", ratio=0.3)
+    streaming.compress_streaming(src, tmp_path / "out", config, calib_ids, batch_size=4)
+    assert max(count for count, _ in seen) == 1
+    # the head (tied to the embeddings here) is never loaded together with a block
+    assert not any(count and head for count, head in seen)
+
+
+def test_streamed_perplexity_equals_in_memory(tmp_path, calib_ids):
+    src = _sharded(tmp_path)
+    config = methods.make_config("svd-llm", ratio=0.3)
+    streaming.compress_streaming(src, tmp_path / "out", config, calib_ids, batch_size=4)
+    ids = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(5))
+    for folder, model in [(src, AutoModelForCausalLM.from_pretrained(src)),
+                          (tmp_path / "out", checkpoint.from_pretrained(tmp_path / "out"))]:
+        streamed = streaming.streamed_perplexity(folder, ids, seqlen=32, max_windows=4)
+        expected = evaluation.evaluate(model.eval(), ids, seqlen=32, max_windows=4)
+        assert streamed.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
+        assert streamed.tokens == expected.tokens == 4 * 31
+
+
+KILLER = """
+import os, signal, sys, torch
+from rankcut import methods, streaming
+step, at = sys.argv[3], int(sys.argv[4])
+commit = streaming.WorkFolder.commit
+def commit_then_die(self, **updates):
+    commit(self, **updates)
+    if updates.get(step) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+streaming.WorkFolder.commit = commit_then_die
+config = methods.make_config(sys.argv[5], ratio=0.3)
+ids = torch.load(sys.argv[6])
+streaming.compress_streaming(sys.argv[1], sys.argv[2], config, ids, batch_size=4)
+"""
+
+
+@pytest.mark.parametrize("method,step,at", [("svd-llm", "written", 1),
+                                            ("io-svd", "backward", 1),
+                                            ("io-svd", "written", 1)])
+def test_sigkill_then_rerun_resumes_to_the_same_output(tmp_path, calib_ids, method, step, at,
+                                                      caplog):
+    src = _sharded(tmp_path)
+    ids_file = tmp_path / "ids.pt"
+    torch.save(calib_ids, ids_file)
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLER), str(src), str(out),
+                             step, str(at), method, str(ids_file)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert not out.exists()  # no output folder until the run is whole
+    work = tmp_path / f".out{streaming.WORK_SUFFIX}"
+    progress = json.loads((work / streaming.PROGRESS).read_text())
+    assert progress[step] == at
+    config = methods.make_config(method, ratio=0.3)
+    with caplog.at_level("INFO", logger="rankcut.streaming"):
+        streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
+    assert "resuming from" in caplog.text
+    streaming.compress_streaming(src, tmp_path / "whole", config, calib_ids, batch_size=4)
+    _assert_same_checkpoint(tmp_path / "whole", out, atol=0)
+    assert not work.exists()
+
+
+def test_work_folder_of_other_arguments_is_not_resumed(tmp_path, calib_ids, caplog):
+    src = _sharded(tmp_path)
+    out = tmp_path / "out"
+    work = streaming.WorkFolder(out, "another run")
+    work.commit(capture=1, written=2, results=[])
+    config = methods.make_config("svd-llm", ratio=0.3)
+    with caplog.at_level("WARNING", logger="rankcut.streaming"):
+        report = streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
+    assert "starting over" in caplog.text
+    assert len(report.modules) == 14
+
+
+@pytest.mark.parametrize("method,settings,message", [
+    ("fwsvd", {}, "not supported with streaming"),
+    ("zero-sum", {"stages": 2}, "correction stages"),
+    ("io-svd", {"remap": "loss-aware"}, "remap classic"),
+])
+def test_unsupported_streaming_settings_are_refused(tmp_path, calib_ids, method, settings,
+                                                    message):
+    src = _sharded(tmp_path)
+    config = methods.make_config(method, ratio=0.3, **settings)
+    with pytest.raises(ConfigError, match=message):
+        streaming.compress_streaming(src, tmp_path / "out", config, calib_ids)
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_safetensors_is_a_clear_error(tmp_path, calib_ids):
+    src = _sharded(tmp_path)
+    for shard in src.glob("*.safetensors*"):
+        shard.unlink()
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        streaming.compress_streaming(src, tmp_path / "out",
+                                     methods.make_config("svd-llm"), calib_ids)
+
+
+def test_cli_stream_matches_in_memory_run(tmp_path, calib_file):
+    src = _sharded(tmp_path)
+    common = ["compress", "--model", str(src), "--calib-file", str(calib_file),
+              "--num-samples", "4", "--seqlen", "32", "--eval-file", str(calib_file),
+              "--eval-seqlen", "64", "--max-windows", "2", "--method", "io-svd"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--stream", "--output", str(tmp_path / "b"),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert b["streamed"] and not a["streamed"]
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+    assert b["dense_perplexity"] == pytest.approx(a["dense_perplexity"], rel=1e-6)
+    assert b["achieved_ratio"] == a["achieved_ratio"]
+    assert b["model_bytes"] < b["model_bytes_dense"]
+    _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+
+
+def test_cli_stream_refuses_update(tmp_path, calib_file, capsys):
+    src = _sharded(tmp_path)
+    assert main(["compress", "--model", str(src), "--calib-file", str(calib_file), "--stream",
+                 "--update", "refit", "--output", str(tmp_path / "out")]) != 0
+    assert "--stream" in capsys.readouterr().err
