@@ -121,7 +121,7 @@ class Whitening:
 
 
 def cholesky_whitening(
-    r: torch.Tensor, schedule: tuple[float, ...] = DAMPING_SCHEDULE
+    r: torch.Tensor, schedule: tuple[float, ...] = DAMPING_SCHEDULE, overwrite: bool = False
 ) -> Whitening:
     """Finds S with S Sᵀ ≈ R by Cholesky, escalating damping, then an eigen-root fallback.
 
@@ -132,6 +132,7 @@ def cholesky_whitening(
     Args:
         r: n×n symmetric positive semi-definite matrix (any float dtype; used in float64).
         schedule: relative damping factors to try in order.
+        overwrite: R may be symmetrized in place (saves an n×n copy; for a fresh R).
 
     Returns:
         The whitening; a warning is logged whenever damping or the fallback was needed.
@@ -139,11 +140,15 @@ def cholesky_whitening(
     Raises:
         ValueError: if R contains NaN or infinity.
     """
-    r = _checked_symmetric(r)
+    r = _checked_symmetric(r, overwrite)
     scale = _diag_scale(r)
-    eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
     for lam in schedule:
-        chol, info = torch.linalg.cholesky_ex(r + lam * scale * eye)
+        damped = r
+        if lam:
+            damped = r.clone()
+            damped.diagonal().add_(lam * scale)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0 and chol.diagonal().square().min() > MIN_PIVOT * scale:
             if lam > 0:
                 logger.warning("second moment not positive definite; damped with λ=%g", lam)
@@ -184,11 +189,22 @@ def floored(values: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
     return values.clamp_min(floor * float(values.max().clamp_min(torch.finfo(values.dtype).tiny)))
 
 
-def _checked_symmetric(r: torch.Tensor) -> torch.Tensor:
+def _checked_symmetric(r: torch.Tensor, overwrite: bool = False, tile: int = 1024
+                       ) -> torch.Tensor:
+    """Returns (R + Rᵀ)/2 in float64; with ``overwrite`` a float64 R is symmetrized in
+    place, tile by tile (the same values, without an n×n temporary)."""
     r = r.to(torch.float64)
     if not torch.isfinite(r).all():
         raise ValueError("statistics matrix contains NaN or infinity (non-finite activations)")
-    return (r + r.T) / 2
+    if not overwrite:
+        return (r + r.T).mul_(0.5)
+    for i in range(0, r.shape[0], tile):
+        for j in range(i, r.shape[0], tile):
+            upper, lower = r[i:i + tile, j:j + tile], r[j:j + tile, i:i + tile]
+            mean = (upper + lower.T).mul_(0.5)
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return r
 
 
 def _diag_scale(r: torch.Tensor) -> float:

@@ -242,7 +242,8 @@ def _plain_svd(config: MethodConfig, weight: torch.Tensor, inputs: Any,
 
 def _svd_llm(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
              outputs: Any = None) -> linalg.Decomposition:
-    return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(inputs.mean()))
+    whitening = linalg.cholesky_whitening(inputs.mean(), overwrite=True)
+    return linalg.decompose(weight, input_whitening=whitening)
 
 
 def _asvd(config: ASVDConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
@@ -262,8 +263,9 @@ def _svd_llm_v2(config: MethodConfig, weight: torch.Tensor,
 
 def _io_svd(config: MethodConfig, weight: torch.Tensor, inputs: linalg.SecondMoment | None,
             outputs: linalg.SecondMoment | None) -> linalg.Decomposition:
-    return linalg.decompose(weight, input_whitening=linalg.cholesky_whitening(inputs.mean()),
-                            output_whitening=linalg.cholesky_whitening(outputs.mean()))
+    return linalg.decompose(
+        weight, input_whitening=linalg.cholesky_whitening(inputs.mean(), overwrite=True),
+        output_whitening=linalg.cholesky_whitening(outputs.mean(), overwrite=True))
 
 
 def _io_svd_score(config: IOSVDConfig, decomposition: linalg.Decomposition,

@@ -527,10 +527,11 @@ class _StreamRun:
                 for name in names:
                     decomposition = (StoredFactors.load(work, name) if stored else
                                      self.spec.decompose(config, self.targets[name].weight,
-                                                         stats.get(name), None))
+                                                         stats.pop(name, None), None))
                     result = _apply_rank(sm.model, name, self.targets[name], decomposition,
                                          ranks[name], plan=plans.get(name))
                     results.append(asdict(result))
+                    del decomposition  # the next one is built without this one alive
             if needs_acts and after:
                 self.forward(block, index)
             save_tensors(work.file("blocks", f"block-{index:05d}"),
@@ -553,9 +554,11 @@ class _StreamRun:
             stats = self.block_stats(block, index, names, write_next=True)
             with torch.no_grad():
                 for name in names:
+                    moment = stats.pop(name)
                     decomposition = self.spec.decompose(self.config, self.targets[name].weight,
-                                                        stats[name], None)
-                    StoredFactors.save(work, name, decomposition, None, stats[name].count)
+                                                        moment, None)
+                    StoredFactors.save(work, name, decomposition, None, moment.count)
+                    del decomposition, moment
             work.commit(stored=index + 1)
             work.drop("acts", index)
             sm.release(block)
@@ -580,11 +583,13 @@ class _StreamRun:
             stats, metric, grads = self._backward_block(block, index, names)
             with torch.no_grad():
                 for name in names:
+                    moment = stats.pop(name)
                     decomposition = self.spec.decompose(config, self.targets[name].weight,
-                                                        stats[name], metric.get(name))
-                    score = (self.spec.score(config, decomposition, grads.get(name))
+                                                        moment, metric.pop(name, None))
+                    score = (self.spec.score(config, decomposition, grads.pop(name, None))
                              if scoring else None)
-                    StoredFactors.save(work, name, decomposition, score, stats[name].count)
+                    StoredFactors.save(work, name, decomposition, score, moment.count)
+                    del decomposition, moment
             work.commit(backward=len(sm.blocks) - index)
             work.drop("grads", index + 1)
             work.drop("acts", index)
