@@ -32,11 +32,14 @@ class SecondMoment:
         xx: Σ x xᵀ over all tokens seen, n×n float64.
         abs_sum: Σ |x| over all tokens seen, n float64 (ASVD's channel scales).
         count: number of tokens seen.
+        consumable: ``mean()`` may turn Σ x xᵀ into the mean in place and let go of it
+            (set by a caller that will not read these statistics again; saves an n×n copy).
     """
 
     xx: torch.Tensor
     abs_sum: torch.Tensor
     count: int = 0
+    consumable: bool = False
 
     @classmethod
     def zeros(cls, n: int, device: torch.device | str = "cpu") -> SecondMoment:
@@ -71,10 +74,20 @@ class SecondMoment:
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
-        """Returns R = Σ x xᵀ / N (float64). Raises ValueError when no token was seen."""
+        """Returns R = Σ x xᵀ / N (float64); a ``consumable`` accumulator is divided in
+        place and gives its matrix away (``xx`` becomes None).
+
+        Raises:
+            ValueError: no token was seen, or the matrix was already given away.
+        """
         if self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
-        return self.xx / self.count
+        if self.xx is None:
+            raise ValueError("these statistics were consumed by an earlier mean()")
+        if not self.consumable:
+            return self.xx / self.count
+        mean, self.xx = self.xx.div_(self.count), None
+        return mean
 
     def mean_abs(self) -> torch.Tensor:
         """Returns mean |x| per input channel (float64). Raises ValueError when empty."""

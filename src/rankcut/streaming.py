@@ -527,7 +527,7 @@ class _StreamRun:
                 for name in names:
                     decomposition = (StoredFactors.load(work, name) if stored else
                                      self.spec.decompose(config, self.targets[name].weight,
-                                                         stats.pop(name, None), None))
+                                                         _last_use(stats, name), None))
                     result = _apply_rank(sm.model, name, self.targets[name], decomposition,
                                          ranks[name], plan=plans.get(name))
                     results.append(asdict(result))
@@ -554,7 +554,7 @@ class _StreamRun:
             stats = self.block_stats(block, index, names, write_next=True)
             with torch.no_grad():
                 for name in names:
-                    moment = stats.pop(name)
+                    moment = _last_use(stats, name)
                     decomposition = self.spec.decompose(self.config, self.targets[name].weight,
                                                         moment, None)
                     StoredFactors.save(work, name, decomposition, None, moment.count)
@@ -583,9 +583,9 @@ class _StreamRun:
             stats, metric, grads = self._backward_block(block, index, names)
             with torch.no_grad():
                 for name in names:
-                    moment = stats.pop(name)
+                    moment = _last_use(stats, name)
                     decomposition = self.spec.decompose(config, self.targets[name].weight,
-                                                        moment, metric.pop(name, None))
+                                                        moment, _last_use(metric, name))
                     score = (self.spec.score(config, decomposition, grads.pop(name, None))
                              if scoring else None)
                     StoredFactors.save(work, name, decomposition, score, moment.count)
@@ -705,6 +705,16 @@ class _StreamRun:
         plans = ({n: classic_plan(*shapes[n], r) for n, r in ranks.items() if r is not None}
                  if getattr(config, "remap", None) == "classic" else {})
         return ranks, plans
+
+
+def _last_use(stats: dict[str, linalg.SecondMoment], name: str
+              ) -> linalg.SecondMoment | None:
+    """Pops ``name``'s statistics; when no other module shares them they are marked
+    consumable, so that their mean is computed in place of the sums."""
+    moment = stats.pop(name, None)
+    if moment is not None and not any(other is moment for other in stats.values()):
+        moment.consumable = True
+    return moment
 
 
 class _KeptOutputs:
