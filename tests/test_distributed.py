@@ -163,6 +163,24 @@ def test_seeds_from_given_draws_equal_the_generators(mode):
     assert all(torch.equal(a, b) for a, b in zip(direct, given, strict=True))
 
 
+# Loaded at start-up by the torchrun workers: records the rank of every checkpoint save.
+_SAVE_SPY = """
+import os
+
+if "LOCAL_RANK" in os.environ:
+    from rankcut import checkpoint
+
+    _save = checkpoint.save_pretrained
+
+    def save_pretrained(*args, **kwargs):
+        with open({path!r}, "a") as log:
+            log.write(os.environ["RANK"] + "\\n")
+        return _save(*args, **kwargs)
+
+    checkpoint.save_pretrained = save_pretrained
+"""
+
+
 def test_cli_under_torchrun_writes_once_and_matches_one_process(model_dir, calib_file,
                                                                  tmp_path):
     args = ["compress", "--model", str(model_dir), "--method", "io-svd", "--ratio", "0.3",
@@ -170,14 +188,18 @@ def test_cli_under_torchrun_writes_once_and_matches_one_process(model_dir, calib
             "--batch-size", "3", "--eval-file", str(calib_file), "--eval-seqlen", "32",
             "--max-windows", "2", "--device", "cpu"]
     src = str(Path(rankcut.__file__).parents[1])
+    spy, writes = tmp_path / "spy", tmp_path / "writes.txt"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(_SAVE_SPY.format(path=str(writes)))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(spy), src, os.environ.get("PYTHONPATH", "")])}
     logs = tmp_path / "logs"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "--log-dir", str(logs), "--redirects", "3",
                "-m", "rankcut.cli", *args, "--output", str(tmp_path / "two")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert writes.read_text().split() == ["0"]  # only process 0 saved the checkpoint
     stdout = {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
     assert sorted(stdout) == [0, 1]
     assert "ratio (target / achieved)" in stdout[0] and stdout[1] == ""
