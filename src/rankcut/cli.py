@@ -205,10 +205,24 @@ def _add_eval_args(p: argparse.ArgumentParser, seqlen_flag: str, default_windows
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    """Loads, calibrates, compresses, saves, evaluates and prints the closing table."""
+    """Loads, calibrates, compresses, saves, evaluates and prints the closing table.
+
+    Launched by torchrun with more than one process, every process joins the group, loads
+    the model and calibrates on its share; process 0 alone evaluates, prints and writes.
+    """
+    from . import distributed
+
+    device, dtype = _device(args)
+    with distributed.launched(device) as device:
+        if distributed.world()[0] > 0:
+            logging.getLogger().setLevel(logging.WARNING)
+        _compress(args, device, dtype)
+
+
+def _compress(args: argparse.Namespace, device: str, dtype) -> None:
     import torch
 
-    from . import checkpoint, methods, models, pipeline, update
+    from . import checkpoint, distributed, methods, models, pipeline, update
     from .inference import weight_bytes
 
     config = methods.make_config(
@@ -225,24 +239,30 @@ def cmd_compress(args: argparse.Namespace) -> None:
         raise update.ConfigError("--refit-target needs --update refit")
     update_config = update.make_update(
         args.update, **(lora if args.update == "lora" else {"target": args.refit_target}))
+    rank, size = distributed.world()
+    if update_config is not None and size > 1:
+        raise update.ConfigError(f"--update {args.update} is not distributed; run it without "
+                                 "torchrun")
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
-    device, dtype = _device(args)
     start = time.perf_counter()
     if args.stream:
-        if update_config is not None:
-            raise update.ConfigError("--update is not supported with --stream")
+        if update_config is not None or size > 1:
+            raise update.ConfigError("--stream runs in one process and without --update")
         out, report, dense_ppl, ppl, dense_bytes, kept_bytes = _compress_streamed(
             args, config, rank_map, device, dtype)
         return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
                                 kept_bytes, start, device)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
     calib = _calibration(args, config, tokenizer, update_config is not None)
-    eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
+    eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
     dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
     dense_bytes = weight_bytes(model)
     torch.manual_seed(args.seed)
     report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
                                rank_map=rank_map, update=update_config)
+    if rank > 0:  # process 0 evaluates and writes; the others wait for it
+        distributed.barrier()
+        return
     out = checkpoint.save_pretrained(model, args.output, tokenizer)
     ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
     _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
@@ -299,7 +319,7 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
 def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kept_bytes,
                      start, device) -> None:
     """Writes rank_map.json and the run's figures, prints the summary and closing table."""
-    from . import models
+    from . import distributed, models
 
     (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
     figures = {
@@ -316,12 +336,13 @@ def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kep
         "update_log": report.update.log if report.update else [],
         "compress_seconds": report.seconds, "wall_seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(), "device": device, "dtype": args.dtype,
-        "peak_gpu_mb": peak_gpu_mb(),
+        "peak_gpu_mb": peak_gpu_mb(), "processes": distributed.world()[1],
     }
     _print_module_summary(report)
     _print_closing_table(figures)
     _write_json(out / RUN_FILE, figures)
     _write_json(args.json, figures)
+    distributed.barrier()
 
 
 def _read_rank_map(path: str) -> dict:

@@ -11,7 +11,7 @@ Pure functions: logits in, seed tensors out; no model, no hooks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,8 +26,30 @@ def top_k_probs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.T
     return torch.softmax(values, dim=-1), index
 
 
+def kl_draws(probs: torch.Tensor, mode: str,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Returns the random part of one batch's seeds, drawn on the CPU from ``generator``.
+
+    Args:
+        probs: [..., K] renormalized top-K probabilities (``top_k_probs``).
+        mode: ``"sample"``: the drawn top-K slot at each position (int64); ``"exact"``: a
+            sign ±1 at each position (float32).
+        generator: CPU random source (advanced by the draw).
+
+    Returns:
+        [..., 1] on the CPU.
+    """
+    if mode == "sample":
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1,
+                                  generator=generator)
+        return drawn.view(*probs.shape[:-1], 1)
+    return torch.randint(0, 2, (*probs.shape[:-1], 1), generator=generator).float() * 2 - 1
+
+
 def kl_seeds(logits: torch.Tensor, top_k: int, mode: str,
-             generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+             generator: torch.Generator | None = None,
+             draw: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> Iterator[torch.Tensor]:
     """Yields the pseudo-gradients to back-propagate from ``logits`` (same shape, float32).
 
     ``exact`` yields K seeds ε_t·a_k with a random sign ε_t per position: Σ_k a_k a_kᵀ is
@@ -41,6 +63,9 @@ def kl_seeds(logits: torch.Tensor, top_k: int, mode: str,
         mode: ``"exact"`` or ``"sample"``.
         generator: CPU random source for the signs / samples; the draws are made on the
             CPU whatever the logits' device, so a seed gives the same draws on any device.
+        draw: replaces ``kl_draws(probs, mode, generator)``: called once with the top-K
+            probabilities, returns the same kind of draws (a distributed run replays every
+            rank's draws in global batch order).
 
     Raises:
         ValueError: unknown mode.
@@ -48,20 +73,18 @@ def kl_seeds(logits: torch.Tensor, top_k: int, mode: str,
     if mode not in KL_MODES:
         raise ValueError(f"unknown KL mode {mode!r}; choose one of {', '.join(KL_MODES)}")
     probs, index = top_k_probs(logits, top_k)
+    drawn = draw(probs) if draw is not None else kl_draws(probs, mode, generator)
+    drawn = drawn.to(logits.device)
     shape = logits.shape
     if mode == "sample":
-        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1,
-                                  generator=generator).to(logits.device)
         seed = torch.zeros(shape, dtype=torch.float32, device=logits.device)
         seed.scatter_(-1, index, -probs)
-        seed.scatter_add_(-1, index.gather(-1, drawn.view(*shape[:-1], 1)),
+        seed.scatter_add_(-1, index.gather(-1, drawn),
                           torch.ones(*shape[:-1], 1, device=logits.device))
         yield seed
         return
-    signs = torch.randint(0, 2, (*shape[:-1], 1), generator=generator).to(logits.device)
-    signs = signs.float() * 2 - 1
     for k in range(probs.shape[-1]):
-        root = probs[..., k:k + 1].sqrt() * signs
+        root = probs[..., k:k + 1].sqrt() * drawn
         seed = torch.zeros(shape, dtype=torch.float32, device=logits.device)
         seed.scatter_(-1, index, -probs * root)
         seed.scatter_add_(-1, index[..., k:k + 1], root)

@@ -1,8 +1,9 @@
 """Calibration-loss gradients ∂L/∂W of target layers (whole-model backward).
 
 L is the mean next-token cross-entropy over every predicted calibration token. Gradients
-are accumulated as (sum, count) in float32 on the CPU as each batch is produced, so they can
-be all-reduced across processes later.
+are accumulated as (sum, count) in float32 on the CPU as each batch is produced; in a
+distributed run (``rankcut.distributed``) each rank takes its share of the batches and the
+sums and counts are all-reduced before the division.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import CalibrationError
 from .hooks import InputMomentHooks, OutputMetricHooks
 from .models import find_decoder_blocks
@@ -109,6 +111,11 @@ def calibration_gradients(
     statistics of the forward passes (not of checkpoint recomputation) and ``output_hooks``
     the layers' KL output metric (extra backward passes from the same forward).
 
+    In a distributed run this is a collective: every rank passes all the ids and runs its
+    share of the batches (``distributed.my_batches``); the gradients, the loss,
+    ``fisher_rows`` and the hooks' statistics are summed over ranks before returning, so
+    the hooks and ``fisher_rows`` must hold only what this call accumulates.
+
     Args:
         model: a causal LM in eval mode.
         layers: {name: nn.Linear} whose weight gradients are wanted.
@@ -132,8 +139,9 @@ def calibration_gradients(
         checkpointing = checkpointing_needed(model, batch_size * ids.shape[1])
     logger.info("gradients: %d samples, activation checkpointing %s", ids.shape[0],
                 "on" if checkpointing else "off")
+    batches = distributed.my_batches(ids, batch_size).split(batch_size)
     with _only_targets_require_grad(model, layers), _block_checkpointing(model, checkpointing):
-        for batch in tqdm(ids.split(batch_size), desc="gradients", unit="batch"):
+        for batch in tqdm(batches, desc="gradients", unit="batch"):
             batch = batch.to(device)
             if input_hooks is not None:
                 input_hooks.new_batch()
@@ -159,16 +167,32 @@ def calibration_gradients(
                 if fisher_rows is not None:
                     fisher_rows[name] += grad.double().square().sum(1)
                 layer.weight.grad = None
+    if output_hooks is not None:  # a rank with fewer batches takes part in every draw step
+        for _ in range(distributed.idle_steps(ids.shape[0], batch_size)):
+            output_hooks.skip()
+    total, count = _sum_over_ranks(sums, fisher_rows, (input_hooks, output_hooks), total, count)
     return {name: s / count for name, s in sums.items() if weight_grads}, total / count
 
 
+def _sum_over_ranks(sums, fisher_rows, hooks, total, count) -> tuple[float, int]:
+    """Sums the gradient sums, ``fisher_rows`` and the hooks' statistics over ranks in
+    place; returns the loss total and token count summed (all unchanged in one process)."""
+    distributed.sum_tensors([*sums.values(), *(fisher_rows or {}).values()])
+    for hook in hooks:
+        if hook is not None:
+            distributed.sum_moments(hook.stats)
+    return distributed.sum_numbers(total, count)
+
+
 def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """Returns the mean next-token cross-entropy of ``model`` on calibration ids."""
+    """Returns the mean next-token cross-entropy of ``model`` on calibration ids (in a
+    distributed run a collective: each rank runs its share of the batches)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in ids.split(batch_size):
+        for batch in distributed.my_batches(ids, batch_size).split(batch_size):
             batch = batch.to(device)
             total += _batch_loss_sum(model, batch).item()
             count += batch[:, 1:].numel()
+    total, count = distributed.sum_numbers(total, count)
     return total / count

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from . import fisher, linalg
+from . import distributed, fisher, linalg
 from .errors import CalibrationError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ class OutputMetricHooks:
     those outputs (``torch.autograd.grad``: no weight gradient is computed) and adds the
     outer products of the results, in float64. Use as a context manager.
 
+    In a distributed run the random draws follow global batch order: each ``accumulate``
+    (and each ``skip`` of a rank without a batch at that step) is a collective that replays
+    the draws of every rank's batch, so the draws equal those of one process.
+
     Attributes:
         stats: {layer name: SecondMoment over the layer's output dimension}.
     """
@@ -122,7 +126,7 @@ class OutputMetricHooks:
         names = list(self._outputs)
         outputs = [self._outputs[name] for name in names]
         try:
-            seeds = fisher.kl_seeds(logits, self.top_k, self.mode, self.generator)
+            seeds = fisher.kl_seeds(logits, self.top_k, self.mode, draw=self._draw)
             for k, seed in enumerate(seeds):
                 grads = torch.autograd.grad(logits, outputs, seed.to(logits.dtype),
                                             retain_graph=True, allow_unused=True)
@@ -134,3 +138,14 @@ class OutputMetricHooks:
                     self.stats[name].update(grad, new_tokens=k == 0)
         finally:
             self._outputs.clear()
+
+    def skip(self) -> None:
+        """Takes part in one step of draws without a batch of its own (a rank with fewer
+        batches than the others in a distributed run); advances the generator like them."""
+        distributed.lockstep(None, self._draws)
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        return distributed.lockstep(probs, self._draws)
+
+    def _draws(self, probs: torch.Tensor) -> torch.Tensor:
+        return fisher.kl_draws(probs, self.mode, self.generator)

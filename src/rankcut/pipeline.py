@@ -4,6 +4,11 @@ Calibration batches go through the model one decoder block at a time: the inputs
 first block are captured once, then each block is run on its inputs with hooks on its
 target layers, its layers are factorized, and its outputs become the next block's inputs.
 The model never holds more than one block's activations per batch.
+
+Under ``torch.distributed`` (``rankcut.distributed``) every rank runs its share of the
+calibration batches, the statistics are summed over ranks, each module is decomposed by
+the rank that owns it (module i by rank i mod W) and its factors are broadcast, so every
+rank ends with the same compressed model.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import linalg
+from . import distributed, linalg
 from .allocation import (
     Selection,
     global_select,
@@ -146,6 +152,10 @@ def compress(
     Side effects: replaces factorized ``nn.Linear`` modules by ``LowRankLinear`` and sets
     ``model.config.quantization_config`` to the rankcut entry (rank map included).
 
+    With ``torch.distributed`` initialized this is a collective: every rank passes the same
+    model and calibration ids, runs its share of the batches and of the factorizations, and
+    ends with the same compressed model (equal to one process's up to rounding).
+
     Args:
         model: a causal LM (transformers ``PreTrainedModel``) in eval mode.
         config: the method and its settings.
@@ -165,11 +175,13 @@ def compress(
     Raises:
         CalibrationError: statistics are needed but no calibration ids were given, or the
             activations became non-finite.
-        ConfigError: the rank map does not match the target modules.
+        ConfigError: the rank map does not match the target modules, a parameter update is
+            asked for in a distributed run, or there are fewer calibration batches than
+            processes.
         UnsupportedModelError: the model has no decoder blocks of nn.Linear layers.
     """
     targets = select_targets(model, include, exclude)
-    _check_inputs(model, config, targets, calibration, rank_map)
+    _check_inputs(model, config, targets, calibration, rank_map, update)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
     if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
@@ -189,7 +201,10 @@ def compress(
     return report
 
 
-def _check_inputs(model, config, targets, calibration, rank_map) -> None:
+def _check_inputs(model, config, targets, calibration, rank_map, update) -> None:
+    if update is not None and distributed.world()[1] > 1:
+        raise ConfigError(f"the {update.name} update is not distributed; run it in one process "
+                          "(without torchrun)")
     if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
         raise CalibrationError(f"method {config.name!r} needs calibration token ids")
     if config.needs_input_stats:
@@ -211,13 +226,16 @@ def _compress_block_by_block(model, config, targets, calibration, batch_size, ra
                              report: CompressionReport, outputs: dict | None = None) -> None:
     spec = method_spec(config.name)
     outputs = outputs or {}
+    owned = set(distributed.mine(list(targets)))
+
+    def decomposer(stats):
+        return lambda name: (spec.decompose(config, targets[name].weight, stats.get(name),
+                                            outputs.get(name)) if name in owned else None)
+
     with torch.no_grad():
         for names, stats in _block_groups(model, config, targets, calibration, batch_size):
-            for name in names:
-                layer = targets[name]
-                decomposition = spec.decompose(config, layer.weight, stats.get(name),
-                                               outputs.get(name))
-                report.modules.append(_apply_rank(model, name, layer, decomposition, ranks[name]))
+            layers = {name: targets[name] for name in names}
+            report.modules.extend(_factorize(model, layers, ranks, decomposer(stats)).values())
 
 
 def _row_fisher(model, config, targets, calibration) -> dict[str, torch.Tensor]:
@@ -234,19 +252,22 @@ def _compress_by_truncation_loss(model, config, targets, calibration, batch_size
     """Decomposes every module (block by block), allocates ranks per module type from
     the truncation losses (SVD-LLM v2), then applies them."""
     spec = method_spec(config.name)
+    owned = set(distributed.mine(list(targets)))
     decompositions, tokens = {}, 0
     with torch.no_grad():
         for names, stats in _block_groups(model, config, targets, calibration, batch_size):
             for name in names:
-                decompositions[name] = spec.decompose(config, targets[name].weight,
-                                                      stats[name], None)
+                if name in owned:
+                    decompositions[name] = spec.decompose(config, targets[name].weight,
+                                                          stats[name], None)
                 tokens = stats[name].count
         shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
-        ranks = loss_balanced_ranks(shapes, {n: d.sigma for n, d in decompositions.items()},
-                                    config.ratio, tokens)
-        for name, layer in targets.items():
-            report.modules.append(_apply_rank(model, name, layer, decompositions.pop(name),
-                                              ranks[name]))
+        sigmas = distributed.share({n: [d.sigma] for n, d in decompositions.items()},
+                                   {n: [(min(shape),)] for n, shape in shapes.items()})
+        ranks = loss_balanced_ranks(shapes, {n: v[0] for n, v in sigmas.items()}, config.ratio,
+                                    tokens)
+        results = _factorize(model, targets, ranks, lambda name: decompositions.pop(name, None))
+    report.modules.extend(results.values())
 
 
 def _compress_globally(model, config, targets, calibration, batch_size,
@@ -267,12 +288,11 @@ def _compress_globally(model, config, targets, calibration, batch_size,
                                cost=classic_cost if remap else kept_params))
     plans = _row_plans(remap, shapes, selection.ranks, decompositions, grads, config.ratio)
     del grads
-    originals = {n: t.weight.detach().to(torch.float64, copy=True) for n, t in targets.items()
+    originals = {n: targets[n].weight.detach().to(torch.float64, copy=True)
+                 for n in decompositions
                  if selection.ranks[n] is not None} if config.stages > 1 else {}
     with torch.no_grad():
-        results = {name: _apply_rank(model, name, layer, decompositions[name],
-                                     selection.ranks[name], plan=plans.get(name))
-                   for name, layer in targets.items()}
+        results = _factorize(model, targets, selection.ranks, decompositions.get, plans)
     report.stage_losses.extend(_run_correction_stages(
         model, originals, decompositions, selection.ranks, plans, grad_ids, config, results))
     report.modules.extend(results.values())
@@ -288,7 +308,8 @@ def _global_statistics(model, config, targets, calibration, grad_ids, batch_size
         weight_grads: compute the loss gradients G (False: forward-only statistics).
 
     Returns:
-        ({module: G}, {module: Decomposition}, {module: component scores}).
+        ({module: G}, {module: Decomposition} of the modules this rank owns, {module:
+        component scores} of every module).
     """
     spec = method_spec(config.name)
     shared = grad_ids.shape[0] == calibration.shape[0]
@@ -300,17 +321,22 @@ def _global_statistics(model, config, targets, calibration, grad_ids, batch_size
             input_hooks=hooks if shared else None, output_hooks=outputs,
             weight_grads=weight_grads)
     logger.info("calibration loss of the original model: %.4f", loss)
+    owned = set(distributed.mine(list(targets)))
     decompositions, scores = {}, {}
     groups = ([(list(targets), hooks.stats)] if shared else
               _block_groups(model, config, targets, calibration, batch_size))
     with torch.no_grad():
         for names, stats in groups:
-            for name in tqdm(names, desc="decompose", unit="module", disable=not shared):
+            mine = [name for name in names if name in owned]
+            for name in tqdm(mine, desc="decompose", unit="module", disable=not shared):
                 decompositions[name] = spec.decompose(config, targets[name].weight, stats[name],
                                                       outputs and outputs.stats[name])
                 if scoring:
-                    scores[name] = spec.score(config, decompositions[name], grads.get(name))
-    return grads, decompositions, scores
+                    scores[name] = [spec.score(config, decompositions[name], grads.get(name))]
+    if scoring:
+        scores = distributed.share(scores, {n: [(min(t.weight.shape),)]
+                                            for n, t in targets.items()})
+    return grads, decompositions, {name: value[0] for name, value in scores.items()}
 
 
 def _row_plans(remap, shapes, ranks, decompositions, grads, ratio) -> dict[str, RowPlan]:
@@ -319,8 +345,10 @@ def _row_plans(remap, shapes, ranks, decompositions, grads, ratio) -> dict[str, 
     if remap == "classic":
         return {name: classic_plan(*shapes[name], ranks[name]) for name in factored}
     if remap == "loss-aware":
-        changes = {name: row_loss_changes(decompositions[name], ranks[name], grads[name])
-                   for name in factored}
+        changes = {name: list(row_loss_changes(decompositions[name], ranks[name], grads[name]))
+                   for name in factored if name in decompositions}
+        changes = distributed.share(changes, {name: [(ranks[name],)] * 2 for name in factored})
+        changes = {name: tuple(value) for name, value in changes.items()}
         budget = (1.0 - ratio) * sum(2 * m * n for m, n in shapes.values())
         return loss_aware_plans(shapes, ranks, changes, budget)
     return {}
@@ -365,18 +393,23 @@ def _correction_stage(model, stage, originals, decompositions, ranks, plans, gra
     scale whose re-truncated model has a lower calibration loss is kept; when none does,
     the truncated modules are put back unchanged.
 
+    ``originals`` holds the original weights of the factorized modules this rank owns
+    (all of them in one process); the owner computes a module's step and re-truncation.
+
     Returns:
         (the re-truncated modules' results or None when the stage was rejected,
         the calibration loss before the stage, the loss after it).
     """
-    factored = {name: model.get_submodule(name) for name in originals}
+    factored = {name: model.get_submodule(name) for name, rank in ranks.items()
+                if rank is not None}
     dense = {name: module.to_dense() for name, module in factored.items()}
     for name, layer in dense.items():
         model.set_submodule(name, layer)
     grads, before = calibration_gradients(model, dense, grad_ids, config.grad_batch_size,
                                           checkpointing=config.checkpointing)
     with torch.no_grad():
-        for name, layer in dense.items():  # grads[name] becomes the unscaled step
+        for name in originals:  # grads[name] becomes the unscaled step
+            layer = dense[name]
             gap = originals[name] - layer.weight.detach().to(torch.float64)
             g = grads[name].to(torch.float64)
             grads[name] = (g * ((g * gap).sum() / (g * g).sum().clamp_min(1e-300))).float()
@@ -395,21 +428,24 @@ def _correction_stage(model, stage, originals, decompositions, ranks, plans, gra
 def _retruncate(model, dense, steps, scale, decompositions, ranks,
                 plans) -> dict[str, ModuleResult]:
     """Replaces each module of ``dense`` by the rank-r cut of W + scale·step (same S, same
-    int8 rows)."""
-    results = {}
+    int8 rows), cut by the rank that holds its decomposition."""
+
+    def decompose(name: str) -> linalg.Decomposition | None:
+        old = decompositions.get(name)
+        if old is None:
+            return None
+        corrected = dense[name].weight.detach().to(torch.float64) + scale * steps[name].double()
+        return linalg.decompose(corrected, old.input_whitening, old.output_whitening)
+
     with torch.no_grad():
-        for name, layer in dense.items():
-            old = decompositions[name]
-            corrected = layer.weight.detach().to(torch.float64) + scale * steps[name].double()
-            decomposition = linalg.decompose(corrected, old.input_whitening,
-                                             old.output_whitening)
-            results[name] = _apply_rank(model, name, layer, decomposition, ranks[name],
-                                        plan=plans.get(name), log=False)
-    return results
+        return _factorize(model, dense, ranks, decompose, plans, log=False)
 
 
 def _block_groups(model, config, targets, calibration, batch_size):
     """Yields (module names, their input statistics) one decoder block at a time.
+
+    Each rank runs its share of the calibration batches; the statistics are summed over
+    ranks before they are yielded.
 
     Without input statistics the groups come straight from the names. With them, the
     block's inputs are captured once and propagated block by block; when
@@ -425,12 +461,14 @@ def _block_groups(model, config, targets, calibration, batch_size):
         if outside:
             yield outside, {}
         return
-    inputs = capture_block_inputs(model, blocks, calibration, batch_size)
+    inputs = capture_block_inputs(model, blocks, distributed.my_batches(calibration, batch_size),
+                                  batch_size)
     sources = kwarg_sources(model, len(blocks))
     for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
         names = by_block.get(index, [])
         block, source = blocks[index], sources[index]
         stats, outputs = accumulate_block_stats(block, names, targets, inputs, source)
+        distributed.sum_moments(stats)
         yield names, stats
         inputs = run_block(block, inputs, source) if config.sequential and names else outputs
 
@@ -444,24 +482,64 @@ def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> d
     return grouped
 
 
-def _apply_rank(model: nn.Module, name: str, layer: nn.Linear,
-                decomposition: linalg.Decomposition, rank: int | None,
-                plan: RowPlan | None = None, log: bool = True) -> ModuleResult:
-    """Swaps ``layer`` for its rank-``rank`` factors (None: keeps it dense), with the int8
-    rows of ``plan`` when given; logs one line unless ``log`` is False."""
-    t0 = time.perf_counter()
+def _factorize(model: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, int | None],
+               decompose: Callable[[str], linalg.Decomposition | None],
+               plans: dict[str, RowPlan] | None = None, log: bool = True
+               ) -> dict[str, ModuleResult]:
+    """Swaps every layer of ``layers`` for its factors at ``ranks`` (None: kept dense).
+
+    The layers go W (the number of processes) at a time: in each group, every rank cuts the
+    modules it owns (``decompose`` returns None for the others), the cuts are broadcast and
+    every rank swaps in all of them. Side effects: replaces modules of ``model``; logs one
+    line per module unless ``log`` is False.
+
+    Returns:
+        {module: its result}, in the order of ``layers``.
+    """
+    names, size = list(layers), distributed.world()[1]
+    results = {}
+    for first in range(0, len(names), size):
+        start, group = time.perf_counter(), names[first:first + size]
+        held = {}
+        for name in group:
+            decomposition = decompose(name)
+            if decomposition is not None:
+                held[name] = _cut(decomposition, ranks[name])
+        cuts = distributed.share(held, {name: _cut_shapes(layers[name], ranks[name])
+                                        for name in group})
+        for name in group:
+            results[name] = _swap(model, name, layers[name], cuts[name], ranks[name],
+                                  (plans or {}).get(name), start, log)
+    return results
+
+
+def _cut(decomposition: linalg.Decomposition, rank: int | None) -> list[torch.Tensor]:
+    """[σ] for a module kept dense, [σ, W_u, W_v] for one cut at ``rank`` (float64)."""
+    factors = decomposition.factors(rank) if rank is not None else ()
+    return [decomposition.sigma, *factors]
+
+
+def _cut_shapes(layer: nn.Linear, rank: int | None) -> list[tuple[int, ...]]:
     m, n = layer.weight.shape
-    kept = decomposition.sigma.numel() if rank is None else rank
-    loss = decomposition.truncation_loss(kept)
-    total = float(decomposition.sigma.square().sum()) or 1.0
+    return [(min(m, n),)] + ([(m, rank), (rank, n)] if rank is not None else [])
+
+
+def _swap(model: nn.Module, name: str, layer: nn.Linear, cut: list[torch.Tensor],
+          rank: int | None, plan: RowPlan | None, start: float, log: bool) -> ModuleResult:
+    """Swaps ``layer`` for the factors of ``cut`` (a dense module stays), with the int8
+    rows of ``plan`` when given; logs one line unless ``log`` is False."""
+    m, n = layer.weight.shape
+    sigma = cut[0]
+    kept = sigma.numel() if rank is None else rank
+    loss = float(sigma[kept:].square().sum())
+    total = float(sigma.square().sum()) or 1.0
     int8 = {}
     if rank is not None:
-        w_u, w_v = decomposition.factors(rank)
-        new = LowRankLinear.from_factors(w_u, w_v, layer.bias, dtype=layer.weight.dtype,
+        new = LowRankLinear.from_factors(cut[1], cut[2], layer.bias, dtype=layer.weight.dtype,
                                          plan=plan)
         model.set_submodule(name, new.to(layer.weight.device))
         int8 = {k: v for k, v in new.layout.items() if k != "rank"}
-    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - t0,
+    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - start,
                           int8)
     if log:
         extra = f" int8 u={int8['u_int8']} v={int8['v_int8']}" if int8 else ""

@@ -45,7 +45,7 @@ from .hybrid import classic_cost, classic_plan
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
-from .pipeline import CompressionReport, ModuleResult, _apply_rank, _check_inputs
+from .pipeline import CompressionReport, ModuleResult, _check_inputs, _cut, _swap
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def compress_streaming(
     sm = StreamedModel(source, dtype, device)
     output = Path(output)
     targets = select_targets(sm.model, include, exclude)
-    _check_inputs(sm.model, config, targets, calibration, rank_map)
+    _check_inputs(sm.model, config, targets, calibration, rank_map, None)
     _check_streamable(config, targets, sm.prefix)
     settings = StreamSettings(str(source), str(output), config, calibration, include,
                               exclude, batch_size, dtype, rank_map)
@@ -528,8 +528,9 @@ class _StreamRun:
                     decomposition = (StoredFactors.load(work, name) if stored else
                                      self.spec.decompose(config, self.targets[name].weight,
                                                          _last_use(stats, name), None))
-                    result = _apply_rank(sm.model, name, self.targets[name], decomposition,
-                                         ranks[name], plan=plans.get(name))
+                    result = _swap(sm.model, name, self.targets[name],
+                                   _cut(decomposition, ranks[name]), ranks[name],
+                                   plans.get(name), time.perf_counter(), log=True)
                     results.append(asdict(result))
                     del decomposition  # the next one is built without this one alive
             if needs_acts and after:
@@ -744,7 +745,7 @@ class _KeptOutputs:
 class StoredFactors:
     """A decomposition as stored in the work folder: its factors at full rank (float32),
     ready to be cut, and its singular values. Duck-types ``linalg.Decomposition`` for
-    ``pipeline._apply_rank``."""
+    ``pipeline._cut``."""
 
     w_u: torch.Tensor
     w_v: torch.Tensor
