@@ -533,6 +533,8 @@ class _StreamRun:
                                    plans.get(name), time.perf_counter(), log=True)
                     results.append(asdict(result))
                     del decomposition  # the next one is built without this one alive
+                    if ranks[name] is not None:
+                        self.targets[name].to("meta")  # swapped out: free its weight
             if needs_acts and after:
                 self.forward(block, index)
             save_tensors(work.file("blocks", f"block-{index:05d}"),
