@@ -292,6 +292,7 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     from . import checkpoint, models, streaming
     from .errors import ModelLoadError
 
+    streaming.return_freed_memory()
     folder = models.resolve_model_source(args.model)
     if not Path(folder).is_dir():
         raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")

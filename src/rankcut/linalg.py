@@ -62,7 +62,9 @@ class SecondMoment:
             self.xx.addmm_(flat.T, flat)
         else:
             flat = flat.float()
-            self.xx.add_(flat.T @ flat)
+            product = flat.T @ flat
+            for rows in range(0, product.shape[0], 1024):  # no n×n float64 temporary
+                self.xx[rows:rows + 1024].add_(product[rows:rows + 1024])
         if new_tokens:
             self.abs_sum.add_(flat.abs().sum(0, dtype=torch.float64))
             self.count += flat.shape[0]
