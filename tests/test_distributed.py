@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import rankcut
-from rankcut import distributed, fisher, linalg
+from rankcut import distributed, fisher, linalg, streaming
 from rankcut.cli import main
 from rankcut.errors import ConfigError
 from rankcut.update import make_update
@@ -75,6 +75,20 @@ def _errors() -> dict[str, str]:
     return messages
 
 
+#: The cases also run streamed (``rankcut.streaming``) by the two processes.
+STREAMED = ["svd-llm", "svd-llm-sequential", "svd-llm-v2", "zero-sum-some-grad-samples",
+            "io-svd-sample", "io-svd-exact", "io-svd-classic"]
+
+
+def _stream(case: str, out: Path) -> None:
+    """Compresses the sharded tiny Llama in ``out``/src as ``case`` says, streamed."""
+    method, settings, seed, ratio = CASES[case]
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(seed))
+    streaming.compress_streaming(out / "src", out / f"streamed-{case}",
+                                 rankcut.make_config(method, ratio=ratio, **settings), ids,
+                                 batch_size=3)
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -82,6 +96,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         for case in CASES:
             torch.save(_run(case), Path(out) / f"{case}.{rank}.pt")
         torch.save(_errors(), Path(out) / f"errors.{rank}.pt")
+        for case in STREAMED:
+            _stream(case, Path(out))
     finally:
         dist.destroy_process_group()
 
@@ -90,8 +106,28 @@ def _worker(rank: int, store: str, out: str) -> None:
 def two_processes(tmp_path_factory) -> Path:
     """Runs every case in two gloo processes; returns the folder of their results."""
     out = tmp_path_factory.mktemp("distributed")
+    tiny_model("llama").save_pretrained(out / "src", max_shard_size="20KB")
     mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=2, join=True)
     return out
+
+
+@pytest.mark.parametrize("case", STREAMED)
+def test_two_streaming_processes_match_one(two_processes, case):
+    """Streamed in two processes: one output, written by process 0, equal to one process's
+    in-memory run; no work folder is left behind."""
+    single = _run(case)
+    model = rankcut.from_pretrained(two_processes / f"streamed-{case}")
+    got = {name: module.factors() for name, module in model.named_modules()
+           if isinstance(module, rankcut.LowRankLinear)}
+    assert {n: m.rank for n, m in model.named_modules()
+            if isinstance(m, rankcut.LowRankLinear)} == {
+        n: r for n, r in single["ranks"].items() if r is not None}
+    for name, factors in single["factors"].items():
+        for mine, want in zip(got[name], factors, strict=True):
+            scale = float(want.abs().max())
+            torch.testing.assert_close(mine.float(), want.float(), atol=1e-5 * scale, rtol=0,
+                                       msg=name)
+    assert not list(two_processes.glob(f".streamed-{case}*"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -218,3 +254,26 @@ def test_cli_under_torchrun_writes_once_and_matches_one_process(model_dir, calib
     for key, want in tensors[1].items():
         scale = float(want.abs().max()) or 1.0
         torch.testing.assert_close(tensors[0][key], want, atol=1e-5 * scale, rtol=0, msg=key)
+
+
+def test_cli_stream_under_torchrun_matches_one_process(model_dir, calib_file, tmp_path):
+    args = ["compress", "--model", str(model_dir), "--method", "io-svd", "--ratio", "0.3",
+            "--calib-file", str(calib_file), "--num-samples", "8", "--seqlen", "32",
+            "--batch-size", "3", "--eval-file", str(calib_file), "--eval-seqlen", "32",
+            "--max-windows", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(rankcut.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "rankcut.cli", *args, "--stream",
+               "--output", str(tmp_path / "two")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / d / "rankcut_run.json").read_text())
+                for d in ("two", "one"))
+    assert two["processes"] == 2 and two["streamed"]
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    assert two["dense_perplexity"] == pytest.approx(one["dense_perplexity"], rel=1e-6)
+    rank_maps = [json.loads((tmp_path / d / "rank_map.json").read_text()) for d in ("two", "one")]
+    assert rank_maps[0] == rank_maps[1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

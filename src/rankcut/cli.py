@@ -246,10 +246,12 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     start = time.perf_counter()
     if args.stream:
-        if update_config is not None or size > 1:
-            raise update.ConfigError("--stream runs in one process and without --update")
+        if update_config is not None:
+            raise update.ConfigError("--update is not supported with --stream")
         out, report, dense_ppl, ppl, dense_bytes, kept_bytes = _compress_streamed(
             args, config, rank_map, device, dtype)
+        if rank > 0:  # process 0 evaluates and writes; the others wait for it
+            return distributed.barrier()
         return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
                                 kept_bytes, start, device)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
@@ -289,7 +291,7 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     import torch
     from transformers import AutoTokenizer
 
-    from . import checkpoint, models, streaming
+    from . import checkpoint, distributed, models, streaming
     from .errors import ModelLoadError
 
     streaming.return_freed_memory()
@@ -298,7 +300,8 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
         raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib = _calibration(args, config, tokenizer, always=False)
-    eval_ids = None if args.no_eval else _eval_ids(args, tokenizer)
+    rank = distributed.world()[0]
+    eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
 
     def perplexity(path):
         if eval_ids is None:
@@ -313,6 +316,8 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     itemsize = torch.empty(0, dtype=dtype).element_size()  # the source as loaded
     dense_bytes = sum(math.prod(shape) * itemsize
                       for _, shape in checkpoint.tensor_specs(folder).values())
+    if rank > 0:
+        return Path(args.output), report, None, None, None, None
     kept_bytes = sum(checkpoint.bytes_by_dtype(args.output).values())
     return Path(args.output), report, dense_ppl, perplexity(args.output), dense_bytes, kept_bytes
 

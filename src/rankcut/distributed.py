@@ -161,6 +161,15 @@ def share(held: dict[str, list[torch.Tensor]],
     return out
 
 
+def agree(text: str) -> bool:
+    """Whether every rank passed the same ``text`` (True alone)."""
+    if world()[1] == 1:
+        return True
+    texts: list = [None] * world()[1]
+    dist.all_gather_object(texts, text)
+    return all(t == text for t in texts)
+
+
 def barrier() -> None:
     """Waits for every rank (no-op alone)."""
     if world()[1] > 1:

@@ -17,6 +17,7 @@ committed step; the output folder appears, atomically, only once it is whole.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import fisher, linalg
+from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
 from .checkpoint import MARKER_SUFFIX, write_dir_atomically
@@ -45,7 +46,7 @@ from .hybrid import classic_cost, classic_plan
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
-from .pipeline import CompressionReport, ModuleResult, _check_inputs, _cut, _swap
+from .pipeline import CompressionReport, ModuleResult, _check_inputs, _factorize
 
 logger = logging.getLogger(__name__)
 
@@ -232,15 +233,24 @@ def head_logits(sm: StreamedModel, hidden: torch.Tensor) -> torch.Tensor:
 class WorkFolder:
     """The work folder of one streamed run: activation files and an atomic progress record.
 
+    ``.<output name>.rankcut-work<suffix>`` beside the output; each process of a
+    distributed run has its own (suffix ``-<rank>-of-<size>``), and they resume only when
+    all of them stopped at the same step (else all start over).
+
     Attributes:
         path: the folder.
         progress: {step name: count done, ...}; also the finished module results.
     """
 
-    def __init__(self, output: Path, fingerprint: str) -> None:
-        self.path = output.parent / f".{output.name}{WORK_SUFFIX}"
+    def __init__(self, output: Path, fingerprint: str, suffix: str = "") -> None:
+        self.path = output.parent / f".{output.name}{WORK_SUFFIX}{suffix}"
         record = self.path / PROGRESS
         progress = json.loads(record.read_text()) if record.is_file() else {}
+        steps = json.dumps({k: v for k, v in progress.items() if k != "results"},
+                           sort_keys=True)
+        if suffix and not distributed.agree(steps):
+            logger.warning("the processes stopped at different steps; starting over")
+            progress = {}
         if progress.get("fingerprint") != fingerprint:
             if progress:
                 logger.warning("%s belongs to a run with other arguments; starting over",
@@ -396,11 +406,16 @@ def compress_streaming(
     _check_streamable(config, targets, sm.prefix)
     settings = StreamSettings(str(source), str(output), config, calibration, include,
                               exclude, batch_size, dtype, rank_map)
-    work = WorkFolder(output, settings.fingerprint())
+    rank, size = distributed.world()
+    work = WorkFolder(output, settings.fingerprint(), f"-{rank}-of-{size}" if size > 1 else "")
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
     batches, grad_batches = _calibration_batches(config, calibration, batch_size)
     run = _StreamRun(sm, work, config, targets, batches, grad_batches)
+    if config.allocation == "global" and calibration is not None:
+        grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
+        run.idle_steps = distributed.idle_steps(min(grad_samples, calibration.shape[0]),
+                                                config.grad_batch_size)
     stored = True
     if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
         run.store_by_backward(scoring=rank_map is None)
@@ -416,7 +431,10 @@ def compress_streaming(
                           for r in work.progress["results"])
     report.seconds = time.perf_counter() - start
     sm.model.config.quantization_config = report.quantization_config()
-    _assemble(sm, work, output, tokenizer)
+    if distributed.world()[0] == 0:
+        _assemble(sm, work, output, tokenizer)
+    distributed.barrier()
+    shutil.rmtree(work.path, ignore_errors=True)
     return report
 
 
@@ -431,11 +449,14 @@ def _calibration_batches(config: MethodConfig, calibration: torch.Tensor | None,
     if calibration is None or calibration.numel() == 0:
         return [], 0
     if config.allocation != "global":
-        return list(calibration.split(batch_size)), 0
+        return list(distributed.my_batches(calibration, batch_size).split(batch_size)), 0
     grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
-    grad = list(calibration[:grad_samples].split(config.grad_batch_size))
+    size = config.grad_batch_size
+    grad = list(distributed.my_batches(calibration[:grad_samples], size).split(size))
+    rank, processes = distributed.world()
     rest = calibration[grad_samples:]
-    return grad + (list(rest.split(config.grad_batch_size)) if len(rest) else []), len(grad)
+    rest = list(rest.split(size))[rank::processes] if len(rest) else []
+    return grad + rest, len(grad)
 
 
 def _check_streamable(config: MethodConfig, targets: dict, prefix: str) -> None:
@@ -465,6 +486,7 @@ class _StreamRun:
                  grad_batches: int = 0) -> None:
         self.sm, self.work, self.config, self.targets = sm, work, config, targets
         self.batches, self.grad_batches = batches, grad_batches
+        self.idle_steps = 0  # lockstep KL draw steps this process has no batch at
         self.by_block: dict[int, list[str]] = {}
         for name in targets:
             self.by_block.setdefault(block_index(name, sm.prefix), []).append(name)
@@ -546,25 +568,34 @@ class _StreamRun:
             names = self.by_block.get(index, [])
             after = config.sequential and names  # the next inputs come from the new block
             stats = self.block_stats(block, index, names, not after) if needs_acts else {}
+            distributed.sum_moments(stats)
+            decompose = functools.partial(self._decompose_owned, set(distributed.mine(names)),
+                                          stats, stored)
             with torch.no_grad():
-                for name in names:
-                    decomposition = (StoredFactors.load(work, name) if stored else
-                                     self.spec.decompose(config, self.targets[name].weight,
-                                                         _last_use(stats, name), None))
-                    result = _swap(sm.model, name, self.targets[name],
-                                   _cut(decomposition, ranks[name]), ranks[name],
-                                   plans.get(name), time.perf_counter(), log=True)
-                    results.append(asdict(result))
-                    del decomposition  # the next one is built without this one alive
-                    if ranks[name] is not None:
-                        self.targets[name].to("meta")  # swapped out: free its weight
+                done = _factorize(sm.model, {n: self.targets[n] for n in names}, ranks,
+                                  decompose, plans)
+            for name in names:
+                results.append(asdict(done[name]))
+                if ranks[name] is not None:
+                    self.targets[name].to("meta")  # swapped out: free its weight
             if needs_acts and after:
                 self.forward(block, index)
-            save_tensors(work.file("blocks", f"block-{index:05d}"),
-                         _block_state(sm, index, ranks))
+            if distributed.world()[0] == 0:  # every process holds the same block
+                save_tensors(work.file("blocks", f"block-{index:05d}"),
+                             _block_state(sm, index, ranks))
             work.commit(written=index + 1, results=results)
             work.drop("acts", index)
             sm.release(block)
+
+    def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, name: str):
+        """The decomposition of ``name`` when this process owns it (else None): its stored
+        factors, or computed from its block's statistics."""
+        if name not in owned:
+            return None
+        if stored:
+            return StoredFactors.load(self.work, name)
+        return self.spec.decompose(self.config, self.targets[name].weight,
+                                   _last_use(stats, name), None)
 
     # -- methods that decompose everything first, then allocate -------------------------
 
@@ -578,8 +609,9 @@ class _StreamRun:
             block = sm.block(index)
             names = self.by_block.get(index, [])
             stats = self.block_stats(block, index, names, write_next=True)
+            distributed.sum_moments(stats)
             with torch.no_grad():
-                for name in names:
+                for name in distributed.mine(names):
                     moment = _last_use(stats, name)
                     decomposition = self.spec.decompose(self.config, self.targets[name].weight,
                                                         moment, None)
@@ -608,7 +640,7 @@ class _StreamRun:
             names = self.by_block.get(index, [])
             stats, metric, grads = self._backward_block(block, index, names)
             with torch.no_grad():
-                for name in names:
+                for name in distributed.mine(names):
                     moment = _last_use(stats, name)
                     decomposition = self.spec.decompose(config, self.targets[name].weight,
                                                         moment, _last_use(metric, name))
@@ -638,6 +670,10 @@ class _StreamRun:
             return
         top = len(sm.blocks)
         generator = torch.Generator().manual_seed(getattr(config, "seed", 0))
+
+        def draws(probs):  # every process replays the draws in global batch order
+            return fisher.kl_draws(probs, config.kl_mode, generator)
+
         total, count = 0.0, 0
         with sm.parts(sm.outside(skip_head=False)):
             for b in tqdm(range(self.grad_batches), desc="head (streamed)", unit="batch"):
@@ -654,14 +690,19 @@ class _StreamRun:
                     if self.weight_grads:
                         vectors["loss"], = torch.autograd.grad(loss, hidden, retain_graph=True)
                     if self.seeds:
-                        seeds = fisher.kl_seeds(logits.detach(), config.top_k, config.kl_mode,
-                                                generator)
+                        seeds = fisher.kl_seeds(
+                            logits.detach(), config.top_k, config.kl_mode,
+                            draw=lambda probs: distributed.lockstep(probs, draws))
                         for k, seed in enumerate(seeds):
                             vectors[f"seed{k}"], = torch.autograd.grad(
                                 logits, hidden, seed.to(logits.dtype), retain_graph=True)
                 total += loss.item()
                 count += ids[:, 1:].numel()
                 save_tensors(work.file("grads", top, b), vectors or {"none": torch.zeros(1)})
+            if self.seeds:
+                for _ in range(self.idle_steps):
+                    distributed.lockstep(None, draws)
+        total, count = distributed.sum_numbers(total, count)
         logger.info("calibration loss of the original model: %.4f", total / max(count, 1))
         work.commit(head=1, loss_tokens=count)
         work.drop("acts", top)
@@ -708,6 +749,9 @@ class _StreamRun:
                 save_tensors(work.file("grads", index, b), below or {"none": torch.zeros(1)})
         for w in weights:
             w.requires_grad_(False)
+        distributed.sum_moments(hooks.stats)
+        distributed.sum_moments(metric)
+        distributed.sum_tensors(sums.values())
         tokens = work.progress["loss_tokens"]
         grads = {n: s / tokens for n, s in sums.items()} if self.weight_grads else {}
         return hooks.stats, metric, grads
@@ -716,21 +760,32 @@ class _StreamRun:
         """Ranks (and int8 row plans) from the stored sigmas and scores, or ``rank_map``."""
         config = self.config
         shapes = {n: tuple(t.weight.shape) for n, t in self.targets.items()}
-        stored = {n: StoredFactors.read_meta(self.work, n) for n in self.targets}
         if rank_map is not None:
             ranks = dict(rank_map)
         elif config.allocation == "truncation-loss":
-            tokens = next(iter(stored.values()))["tokens"]
-            ranks = loss_balanced_ranks(shapes, {n: s["sigma"] for n, s in stored.items()},
-                                        config.ratio, tokens)
+            stored = self._stored_meta(shapes, scores=False)
+            ranks = loss_balanced_ranks(shapes, {n: s[0] for n, s in stored.items()},
+                                        config.ratio, round(float(stored[next(iter(stored))][1])))
         else:
+            stored = self._stored_meta(shapes, scores=True)
             remap = getattr(config, "remap", None)
-            ranks = global_select(shapes, {n: s["scores"] for n, s in stored.items()},
+            ranks = global_select(shapes, {n: s[1] for n, s in stored.items()},
                                   config.ratio, config.rule, config.min_rank,
                                   cost=classic_cost if remap else kept_params).ranks
         plans = ({n: classic_plan(*shapes[n], r) for n, r in ranks.items() if r is not None}
                  if getattr(config, "remap", None) == "classic" else {})
         return ranks, plans
+
+    def _stored_meta(self, shapes: dict, scores: bool) -> dict[str, list[torch.Tensor]]:
+        """{target: [σ, scores or the token count]} from the process that stored it."""
+        held = {}
+        for names in self.by_block.values():
+            for name in distributed.mine(names):
+                meta = StoredFactors.read_meta(self.work, name)
+                last = meta["scores"] if scores else torch.tensor([float(meta["tokens"])])
+                held[name] = [meta["sigma"], last]
+        return distributed.share(held, {n: [(min(m, k),), (min(m, k),) if scores else (1,)]
+                                        for n, (m, k) in shapes.items()})
 
 
 def _last_use(stats: dict[str, linalg.SecondMoment], name: str
@@ -857,7 +912,6 @@ def _assemble(sm: StreamedModel, work: WorkFolder, output: Path, tokenizer) -> N
             tokenizer.save_pretrained(tmp)
 
     write_dir_atomically(output, write)
-    shutil.rmtree(work.path, ignore_errors=True)
 
 
 def streamed_perplexity(folder: str | Path, token_ids: torch.Tensor, seqlen: int = 2048,
