@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from rankcut import checkpoint, evaluation, methods, pipeline, streaming
 from rankcut.cli import main
-from rankcut.errors import ConfigError, ModelLoadError
+from rankcut.errors import ConfigError, ModelLoadError, UnsupportedModelError
 
 from .conftest import VOCAB, tiny_model, tiny_tokenizer
 
@@ -206,3 +206,16 @@ def test_cli_stream_refuses_update(tmp_path, calib_file, capsys):
     assert main(["compress", "--model", str(src), "--calib-file", str(calib_file), "--stream",
                  "--update", "refit", "--output", str(tmp_path / "out")]) != 0
     assert "not supported with --stream" in capsys.readouterr().err
+
+
+def test_learned_position_embeddings_allow_uniform_methods_only(tmp_path, calib_ids):
+    src = _sharded(tmp_path, "opt")
+    config = methods.make_config("svd-llm", ratio=0.3)
+    expected = _in_memory(src, config, calib_ids, tmp_path / "memory")
+    report = streaming.compress_streaming(src, tmp_path / "svd-llm", config, calib_ids,
+                                          batch_size=4)
+    assert report.rank_map == expected.rank_map
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "svd-llm")
+    with pytest.raises(UnsupportedModelError, match="position embeddings"):
+        streaming.compress_streaming(src, tmp_path / "io", methods.make_config("io-svd"),
+                                     calib_ids, batch_size=4)

@@ -39,7 +39,7 @@ from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
 from .checkpoint import MARKER_SUFFIX, write_dir_atomically
-from .errors import CalibrationError, ConfigError, ModelLoadError
+from .errors import CalibrationError, ConfigError, ModelLoadError, UnsupportedModelError
 from .evaluation import PerplexityResult, split_windows, summarize, window_nll
 from .hooks import InputMomentHooks
 from .hybrid import classic_cost, classic_plan
@@ -65,7 +65,10 @@ class ShardReader:
         self.folder = folder
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                self.weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ModelLoadError(f"{index} is corrupt: {err}") from err
         elif (folder / "model.safetensors").is_file():
             with safe_open(folder / "model.safetensors", framework="pt") as f:
                 self.weight_map = {name: "model.safetensors" for name in f.keys()}
@@ -177,12 +180,9 @@ class StreamedModel:
         return self.load(self.blocks[index])
 
     def outside(self, skip_head: bool) -> list[nn.Module]:
-        """The top-level children of the model that are not the decoder blocks (nor hold
-        them), and the modules of those that hold parameters: embeddings, norms, the head.
-
-        ``skip_head`` leaves out the output embeddings (unless tied to the input ones);
-        otherwise the input embeddings are left out (unless tied).
-        """
+        """The modules outside the decoder blocks that hold parameters (embeddings, norms,
+        the head), without the output embeddings when ``skip_head`` and without the input
+        embeddings otherwise (tied ones are kept: they are the same matrix)."""
         tied = self.model.get_output_embeddings()
         embeddings = self.model.get_input_embeddings()
         skip = tied if skip_head else embeddings
@@ -225,7 +225,16 @@ def _without_blocks(sm: StreamedModel):
 
 def head_logits(sm: StreamedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of the model's head (final norm, lm_head, any soft-capping) applied to the
-    last block's output ``hidden`` [B, T, H]; the head must be loaded."""
+    last block's output ``hidden`` [B, T, H]; the head must be loaded.
+
+    Raises:
+        UnsupportedModelError: the model adds learned position embeddings to its inputs
+            (OPT, GPT-2 style), so a forward pass from ``inputs_embeds`` is not the head.
+    """
+    tokens = sm.model.get_input_embeddings()
+    if any(isinstance(m, nn.Embedding) and m is not tokens for m in sm.outside(False)):
+        raise UnsupportedModelError(f"{type(sm.model).__name__} adds learned position "
+                                    "embeddings; streaming supports its uniform methods only")
     with _without_blocks(sm):
         return sm.model(inputs_embeds=hidden, use_cache=False).logits
 
