@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -91,6 +90,14 @@ class RankcutHfQuantizer(HfQuantizer):
             if isinstance(module, LowRankLinear):
                 module.use_fast_layout_()
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Drops transformers' legacy weight-norm renaming of ``*.weight_v`` (to
+        ``parametrizations.weight.original1``), which would take rankcut's W_v factors for
+        weight-norm tensors; VLM classes apply it when they load."""
+        kept = [t for t in weight_conversions
+                if ".weight_v" not in (getattr(t, "source_patterns", None) or [])]
+        return super().update_weight_conversions(kept, model)
 
     def is_serializable(self, **kwargs) -> bool:
         return True
@@ -321,5 +328,10 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     validate_checkpoint(path)
     register_with_transformers()
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    from transformers import AutoConfig
+
+    from .models import auto_model_class, is_vision_language
+
+    vlm = is_vision_language(AutoConfig.from_pretrained(str(path)))
+    model = auto_model_class(vlm).from_pretrained(str(path), **kwargs)
     return model.to(device).eval()

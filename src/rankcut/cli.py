@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import RankcutError
-from .models import block_number, module_type
+from .models import block_number, module_type, text_tokenizer
 
 logger = logging.getLogger("rankcut")
 
@@ -278,7 +278,8 @@ def _calibration(args: argparse.Namespace, config, tokenizer, always: bool):
     if not (config.needs_input_stats or config.needs_row_fisher or always):
         return None
     text = data.load_text(args.calib_file or args.calib, part="calib")
-    return data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen, args.seed)
+    return data.calibration_batch(text_tokenizer(tokenizer), text, args.num_samples,
+                                  args.seqlen, args.seed)
 
 
 def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype):
@@ -370,7 +371,7 @@ def _eval_ids(args: argparse.Namespace, tokenizer):
     from . import data
 
     text = data.load_text(args.eval_file or args.eval, part="test")
-    return data.eval_token_ids(tokenizer, text)
+    return data.eval_token_ids(text_tokenizer(tokenizer), text)
 
 
 def _perplexity(model, ids, args: argparse.Namespace) -> float:
@@ -537,13 +538,15 @@ def _print_rank_groups(title: str, groups: dict[str, dict]) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Writes a dense copy of a rankcut checkpoint (plain safetensors, no rankcut needed)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     from .checkpoint import from_pretrained, write_dir_atomically
+    from .models import is_vision_language
     from .pipeline import to_dense
 
     model = to_dense(from_pretrained(args.path))
-    tokenizer = AutoTokenizer.from_pretrained(args.path)
+    loader = AutoProcessor if is_vision_language(model) else AutoTokenizer
+    tokenizer = loader.from_pretrained(args.path)  # a VLM's processor
     write_dir_atomically(args.output, lambda tmp: (model.save_pretrained(tmp),
                                                    tokenizer.save_pretrained(tmp)))
     print(f"dense checkpoint written to {args.output}")

@@ -42,12 +42,13 @@ def load_model(
         device: device to place the model on.
 
     Returns:
-        (model in eval mode, tokenizer).
+        (model in eval mode, tokenizer; for a vision-language model its processor, whose
+        ``tokenizer`` attribute ``text_tokenizer`` returns).
 
     Raises:
         ModelLoadError: the path does not exist or nothing could be loaded from it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     location = resolve_model_source(source)
     path = Path(location).expanduser()
@@ -68,8 +69,10 @@ def load_model(
     elif _looks_like_path(location):
         raise ModelLoadError(f"model path not found: {location}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        vlm = "gguf_file" not in kwargs and is_vision_language(
+            AutoConfig.from_pretrained(location))
+        model = auto_model_class(vlm).from_pretrained(location, dtype=dtype, **kwargs)
+        tokenizer = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"could not load '{source}' as a local model folder, GGUF file or hub id: {err}"
@@ -77,6 +80,19 @@ def load_model(
     if "gguf_file" in kwargs and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # weights are dequantized to `dtype`
     return model.to(device).eval(), tokenizer
+
+
+def auto_model_class(vision_language: bool):
+    """The transformers auto class that loads a causal LM, or a VLM
+    (``AutoModelForImageTextToText``) when ``vision_language``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
+
+
+def text_tokenizer(tokenizer_or_processor):
+    """The text tokenizer of a tokenizer or of a VLM processor."""
+    return getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
 
 
 def _looks_like_path(location: str) -> bool:
@@ -91,28 +107,73 @@ def _is_rankcut_checkpoint(path: Path) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == "rankcut"
 
 
+#: Attribute names tried, in order, for a model's language tower when ``get_decoder()``
+#: gives none (LLaVA: ``language_model``, SmolVLM / Idefics3: ``text_model``).
+TOWER_NAMES = ("language_model", "text_model")
+
+
+def is_vision_language(model_or_config) -> bool:
+    """Whether a model (or its config) has a vision side: a ``vision_config``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "vision_config", None) is not None
+
+
+def language_tower(model: nn.Module) -> tuple[str, nn.Module]:
+    """Finds the language model inside ``model``: ``get_decoder()`` (transformers' own
+    answer, for causal LMs and VLMs alike), else a sub-module named in ``TOWER_NAMES``,
+    else the model itself when it has no vision side.
+
+    Returns:
+        (qualified name, "" for the model itself; the module).
+
+    Raises:
+        UnsupportedModelError: a vision-language model whose language tower none of these
+            finds; the message names what was searched.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    get = getattr(model, "get_decoder", None)
+    try:
+        tower = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        tower = None
+    if isinstance(tower, nn.Module) and tower is not model and id(tower) in names:
+        return names[id(tower)], tower
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in TOWER_NAMES:
+            return name, module
+    if is_vision_language(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has a vision side but no language tower was found: "
+            f"searched get_decoder() and sub-modules named {', '.join(TOWER_NAMES)}")
+    return "", model
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Finds the stack of decoder blocks: the longest ``nn.ModuleList`` whose every entry
-    contains ``nn.Linear`` layers (or, once compressed, ``LowRankLinear`` layers).
+    """Finds the stack of decoder blocks: inside the language tower (``language_tower``),
+    the longest ``nn.ModuleList`` whose every entry contains ``nn.Linear`` layers (or,
+    once compressed, ``LowRankLinear`` layers). A VLM's vision tower is never picked.
 
     Returns:
         (qualified name of the list, the list).
 
     Raises:
-        UnsupportedModelError: no such list exists (e.g. GPT-2's Conv1D layers).
+        UnsupportedModelError: no such list exists (e.g. GPT-2's Conv1D layers), or a VLM
+            has no recognisable language tower.
     """
+    tower_name, tower = language_tower(model)
     best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
+    for name, module in tower.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if all(any(isinstance(m, (nn.Linear, LowRankLinear)) for m in block.modules())
                for block in module):
             if best is None or len(module) > len(best[1]):
-                best = (name, module)
+                best = (".".join(filter(None, (tower_name, name))), module)
     if best is None:
+        where = f" in {tower_name}" if tower_name else ""
         raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: searched every nn.ModuleList for decoder "
-            "blocks built from nn.Linear layers and found none"
+            f"{type(model).__name__} is not supported: searched every nn.ModuleList{where} "
+            "for decoder blocks built from nn.Linear layers and found none"
         )
     return best
 

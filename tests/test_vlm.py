@@ -1,0 +1,103 @@
+"""Vision-language models: the language tower is found without per-architecture code,
+compressed alone, and the checkpoint reloads through AutoModelForImageTextToText."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForImageTextToText,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
+
+import rankcut
+from rankcut import checkpoint, methods, models, pipeline
+from rankcut.errors import UnsupportedModelError
+
+from .conftest import VOCAB, tiny_config
+
+IMAGE_TOKEN = VOCAB - 1
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+              image_size=32, patch_size=8)
+
+
+def tiny_vlm(layout: str):
+    """A seeded tiny VLM whose vision tower has more blocks (3) than its language tower
+    (2), so that picking the longest block list would pick the wrong tower."""
+    torch.manual_seed(0)
+    text = tiny_config("llama")
+    if layout == "llava":
+        config = LlavaConfig(vision_config=SiglipVisionConfig(**VISION), text_config=text,
+                             image_token_index=IMAGE_TOKEN,
+                             vision_feature_select_strategy="full")
+        return LlavaForConditionalGeneration(config).eval()
+    config = SmolVLMConfig(vision_config=VISION, text_config=text.to_dict(),
+                           image_token_id=IMAGE_TOKEN, scale_factor=2)
+    return SmolVLMForConditionalGeneration(config).eval()
+
+
+def image_batch(model, layout: str):
+    """input_ids with the image tokens the vision side fills, and pixel values."""
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.randn(1, 3, 32, 32, generator=generator)
+    tokens = 16 if layout == "llava" else 4  # (32/8)² patches; SmolVLM shuffles 2×2 into 1
+    ids = torch.randint(0, VOCAB - 1, (1, 24), generator=generator)
+    ids[0, 2:2 + tokens] = IMAGE_TOKEN
+    if layout == "smolvlm":
+        pixels = pixels[:, None]  # [batch, images, 3, H, W]
+    return {"input_ids": ids, "pixel_values": pixels}
+
+
+@pytest.mark.parametrize("layout,tower", [("llava", "model.language_model"),
+                                          ("smolvlm", "model.text_model")])
+def test_language_tower_is_found_and_targeted_alone(layout, tower):
+    model = tiny_vlm(layout)
+    assert models.language_tower(model)[0] == tower
+    prefix, blocks = models.find_decoder_blocks(model)
+    assert prefix == f"{tower}.layers" and len(blocks) == 2
+    targets = models.select_targets(model)
+    assert len(targets) == 14 and all(n.startswith(prefix + ".") for n in targets)
+
+
+class _Unknown(nn.Module):
+    """A made-up VLM: a vision config, the language model under an unknown name."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = LlavaConfig(vision_config=SiglipVisionConfig(**VISION),
+                                  text_config=tiny_config("llama"))
+        self.llm = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+
+def test_unknown_vlm_layout_names_what_was_searched():
+    with pytest.raises(UnsupportedModelError, match="language_model, text_model"):
+        models.find_decoder_blocks(_Unknown())
+
+
+@pytest.mark.parametrize("layout", ["llava", "smolvlm"])
+@pytest.mark.parametrize("method", ["svd-llm", "io-svd"])
+def test_compress_changes_only_the_language_tower_and_reloads(tmp_path, calib_ids, layout,
+                                                              method):
+    model = tiny_vlm(layout)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = pipeline.compress(model, methods.make_config(method, ratio=0.3), calib_ids,
+                               batch_size=4)
+    prefix, _ = models.find_decoder_blocks(model)
+    assert set(report.rank_map) == set(models.select_targets(tiny_vlm(layout)))
+    after = model.state_dict()
+    for key, value in before.items():
+        if not key.startswith(prefix + "."):
+            assert torch.equal(after[key], value), key  # vision side, projector, head
+    batch = image_batch(model, layout)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    checkpoint.save_pretrained(model, tmp_path / "vlm")
+    assert rankcut.__name__  # imported: the quantizer is registered
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm").eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)
+    assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
