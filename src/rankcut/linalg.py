@@ -157,11 +157,11 @@ def cholesky_whitening(
     """
     r = _checked_symmetric(r, overwrite)
     scale = _diag_scale(r)
+    diagonal = r.diagonal().clone()
     for lam in schedule:
-        damped = r
+        damped = r if overwrite or not lam else r.clone()  # an owned R is damped in place
         if lam:
-            damped = r.clone()
-            damped.diagonal().add_(lam * scale)
+            damped.diagonal().copy_(diagonal + lam * scale)
         chol, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info.item() == 0 and chol.diagonal().square().min() > MIN_PIVOT * scale:
@@ -169,6 +169,7 @@ def cholesky_whitening(
                 logger.warning("second moment not positive definite; damped with λ=%g", lam)
             return Whitening(root=chol, kind="cholesky", damping=lam)
     logger.warning("Cholesky failed at every damping level; using the clamped eigen-root")
+    r.diagonal().copy_(diagonal)
     return eigen_whitening(r)
 
 
@@ -287,12 +288,11 @@ def decompose(
     Returns:
         The decomposition; no side effects.
     """
-    w = weight.detach().to(torch.float64)
+    a = weight.detach().to(torch.float64)
     if column_scale is not None:
-        input_whitening = _diagonal_whitening(column_scale.to(w.device))
+        input_whitening = _diagonal_whitening(column_scale.to(a.device))
     if row_scale is not None:
-        output_whitening = _diagonal_whitening(row_scale.to(w.device))
-    a = w
+        output_whitening = _diagonal_whitening(row_scale.to(a.device))
     if input_whitening is not None:
         a = a @ input_whitening.root
     if output_whitening is not None:

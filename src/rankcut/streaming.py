@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -277,9 +278,13 @@ class WorkFolder:
         return int(self.progress.get(step, 0))
 
     def commit(self, **updates) -> None:
-        """Records ``updates`` in the progress file atomically (write, fsync, rename)."""
+        """Records ``updates`` in the progress file atomically (write, fsync, rename) and
+        logs them with the process's peak RSS so far."""
         self.progress.update(updates)
         _atomic_write(self.path / PROGRESS, json.dumps(self.progress).encode())
+        steps = ", ".join(f"{k}={v}" for k, v in updates.items() if isinstance(v, int))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        logger.info("committed %s; peak RSS %.0f MiB", steps, peak)
 
     def file(self, kind: str, *parts: int | str) -> Path:
         """The path of one work file, e.g. ``file("acts", 3, 0)`` → acts/3/0.safetensors."""
