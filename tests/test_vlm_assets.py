@@ -19,7 +19,6 @@ from rankcut import image_data, vlm_assets
 from rankcut.errors import AssetError, CalibrationError
 
 LANGUAGE_TOWER = {"llava": "language_model", "smolvlm": "text_model"}
-IMAGE_TOKENS_PER_TILE = 16
 
 
 def write_image(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
@@ -148,6 +147,7 @@ def test_captioned_photos_are_real_images_in_manifest_order() -> None:
             p["sha256"] for p in manifest if p["image"] == record["image"].name)
     with Image.open(records[0]["image"]) as astronaut:
         assert astronaut.size == (512, 512)
+    assert image_data.open_image(records[1]["image"]).mode == "RGB"  # camera.png is grayscale
     assert image_data.read_image_text(image_data.ensure_photos()) == records
     assert image_data.image_text_samples("captions", limit=3) == records[:3]
 
@@ -228,7 +228,7 @@ def test_image_and_text_through_the_processor_depend_on_the_image(vlm) -> None:
     image_id = model.config.image_token_id
     for batch in batches:
         tiles = 1 if name == "llava" else batch["pixel_values"].shape[1]
-        assert int((batch["input_ids"] == image_id).sum()) == IMAGE_TOKENS_PER_TILE * tiles
+        assert int((batch["input_ids"] == image_id).sum()) == vlm_assets.IMAGE_TOKENS * tiles
         assert batch["pixel_values"].shape[-2:] == (64, 64)
     with torch.no_grad():
         logits = [model(**batch).logits[0, -1] for batch in batches]

@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rankcut.assets import (
     COMPLETE_MARKER,
@@ -39,6 +39,9 @@ from rankcut.assets import (
     fetch_wheel,
 )
 from rankcut.errors import AssetError, CalibrationError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +172,7 @@ def check_image(path: Path) -> None:
         raise CalibrationError(f"cannot read image {path}: {exc}") from exc
 
 
-def open_image(path: Path):
+def open_image(path: Path) -> Image:
     """Return the image at ``path`` as an RGB ``PIL.Image`` (raises :class:`CalibrationError`)."""
     from PIL import Image
 

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 VISION_SEED = 20240917
 SMOLLM2_VOCAB = 49152
 IMAGE_SIZE = 64
+#: Image tokens per image (LLaVA: (64/16)^2 patches) or per tile (SmolVLM: (64/8)^2 / 2^2).
+IMAGE_TOKENS = 16
 #: Vision tower size shared by both layouts (SigLIP and SmolVLM's vision model).
 VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
           "num_attention_heads": 4, "image_size": IMAGE_SIZE}
@@ -99,7 +101,7 @@ def _config_and_processor(name: str, text_config: dict, tokenizer):
     if name == "llava":
         vision = tf.SiglipVisionConfig(**VISION, patch_size=16, vision_use_head=False)
         config = tf.LlavaConfig(vision_config=vision, text_config=text_config,
-                                image_token_index=image_id, image_seq_length=16,
+                                image_token_index=image_id, image_seq_length=IMAGE_TOKENS,
                                 vision_feature_select_strategy="full", vision_feature_layer=-1,
                                 tie_word_embeddings=True)
         images = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -115,7 +117,7 @@ def _config_and_processor(name: str, text_config: dict, tokenizer):
                                        max_image_size={"longest_edge": IMAGE_SIZE},
                                        do_image_splitting=True)
     processor = tf.Idefics3Processor(image_processor=images, tokenizer=tokenizer,
-                                     image_seq_len=16, chat_template=CHAT_TEMPLATE)
+                                     image_seq_len=IMAGE_TOKENS, chat_template=CHAT_TEMPLATE)
     return config, processor
 
 
