@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     a = sub.add_parser("assets", help="fetch and convert the offline model and text")
+    a.add_argument("--vlm", action="store_true",
+                   help="also build the test VLMs (SmolLM2 in LLaVA and SmolVLM layouts, random "
+                        "vision side) and the image-text data (photos with captions, easy-VQA)")
     a.set_defaults(func=cmd_assets)
     return parser
 
@@ -561,10 +564,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_assets(args: argparse.Namespace) -> None:
-    """Fetches every offline asset and prints where it lives."""
+    """Fetches every offline asset (with --vlm also the VLM ones) and prints where it lives."""
     from .assets import ensure_all
 
-    for name, path in ensure_all().items():
+    paths = ensure_all()
+    if args.vlm:
+        from .vlm_assets import ensure_vlm_all
+
+        paths.update(ensure_vlm_all())
+    for name, path in paths.items():
         print(f"{name}: {path}")
 
 

@@ -1,0 +1,290 @@
+"""Image-text data for vision-language models: real photos, easy-VQA, and user JSONL files.
+
+Two built-in sets come out of PyPI wheels (DESIGN.md section 5), each file checked by sha256:
+
+- **photos**: 17 photographs from the ``scikit-image`` wheel's ``skimage/data/`` (astronaut,
+  chelsea, coffee, rocket, camera, ...) with short captions written for them in this repository
+  (``rankcut/resources/photo_captions.json``, which also pins each file's sha256).
+- **easy-VQA** (``easy-vqa==1.0``, MIT): 64x64 images of one coloured shape with question-answer
+  pairs, 4,000 train and 1,000 test images. The wheel's ``RECORD`` is pinned by sha256 and every
+  extracted file is checked against the hash ``RECORD`` gives for it.
+
+Both are written as image-text JSONL files, the format users give with their own data: one JSON
+object a line, ``{"image": "path relative to the file", "prompt": "...", "text": "..."}``
+(``prompt`` optional, default :data:`DEFAULT_PROMPT`). A folder of images is accepted too: its
+``captions.jsonl`` when it has one, else every image in name order with the default prompt and an
+empty ``text`` (enough for calibration, not for caption perplexity).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rankcut.assets import (
+    COMPLETE_MARKER,
+    WheelMember,
+    _write_atomic,
+    cache_dir,
+    extract_checked,
+    fetch_wheel,
+)
+from rankcut.errors import AssetError, CalibrationError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+logger = logging.getLogger(__name__)
+
+SKIMAGE_SPEC = "scikit-image==0.26.0"
+SKIMAGE_DATA = "skimage/data/"
+EASY_VQA_RECORD = WheelMember(
+    "easy-vqa==1.0",
+    "easy_vqa-1.0.dist-info/RECORD",
+    "bb25fb8fb7407b3b8a2b358356992e6d96e5fa69b6a98c17729bdd58e508b39e",
+)
+EASY_VQA_DATA = "easy_vqa/data/"
+EASY_VQA_LICENSE = "easy_vqa-1.0.dist-info/LICENSE"
+VQA_SPLITS = ("train", "test")
+CAPTIONS_FILE = "captions.jsonl"
+DEFAULT_PROMPT = "Describe the image."
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: ``kind`` of :func:`image_text_samples`: photo captions, easy-VQA train or test questions.
+SAMPLE_KINDS = ("captions", "vqa", "vqa-test")
+
+
+def _photo_manifest() -> dict[str, Any]:
+    """Return the packaged ``photo_captions.json`` (prompt, and image/sha256/text per photo)."""
+    ref = resources.files("rankcut") / "resources" / "photo_captions.json"
+    return json.loads(ref.read_text(encoding="utf-8"))
+
+
+def _jsonl(records: list[dict[str, str]]) -> str:
+    """Serialize records as JSON lines (stable key order, UTF-8 kept as is)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def ensure_photos() -> Path:
+    """Return ``<cache>/photos``: the scikit-image photographs and their ``captions.jsonl``.
+
+    Side effects: downloads the scikit-image wheel (pip, no dependencies), extracts each photo
+    atomically after its sha256 check, then writes ``captions.jsonl`` atomically; that file is
+    written last, so its presence marks a complete folder.
+    """
+    folder = cache_dir() / "photos"
+    if (folder / CAPTIONS_FILE).is_file():
+        logger.info("using cached photos %s", folder)
+        return folder
+    manifest = _photo_manifest()
+    wheel = fetch_wheel(SKIMAGE_SPEC)
+    for photo in manifest["photos"]:
+        extract_checked(wheel, SKIMAGE_DATA + photo["image"], folder / photo["image"],
+                        photo["sha256"])
+    records = [{"image": p["image"], "prompt": manifest["prompt"], "text": p["text"]}
+               for p in manifest["photos"]]
+    _write_atomic(folder / CAPTIONS_FILE, _jsonl(records))
+    logger.info("%d photos ready at %s", len(records), folder)
+    return folder
+
+
+def _record_hashes(record: str) -> dict[str, str]:
+    """Map each file of a wheel ``RECORD`` to its sha256 as hex (entries without one skipped)."""
+    hashes = {}
+    for line in record.splitlines():
+        path, _, rest = line.partition(",")
+        algo, _, digest = rest.partition(",")[0].partition("=")
+        if algo == "sha256":
+            hashes[path] = base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex()
+    return hashes
+
+
+def _extract_vqa(wheel: Path, hashes: dict[str, str], folder: Path) -> None:
+    """Copy easy-VQA's data files and licence from ``wheel`` into ``folder``, checking hashes."""
+    wanted = {m: m.removeprefix(EASY_VQA_DATA) for m in hashes if m.startswith(EASY_VQA_DATA)
+              and m.endswith((".png", "questions.json"))}
+    wanted[EASY_VQA_LICENSE] = "LICENSE"
+    with zipfile.ZipFile(wheel) as zf:
+        for member, rel in sorted(wanted.items()):
+            data = zf.read(member)
+            if hashlib.sha256(data).hexdigest() != hashes[member]:
+                raise AssetError(f"{member} in {wheel} does not match its RECORD hash; "
+                                 f"delete {wheel} and fetch it again")
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+
+
+def _vqa_records(folder: Path, split: str) -> list[dict[str, str]]:
+    """Return a split's ``[question, answer, image_index]`` triples as JSONL records."""
+    questions = json.loads((folder / split / "questions.json").read_text(encoding="utf-8"))
+    return [{"image": f"{split}/images/{index}.png", "prompt": q[:1].upper() + q[1:], "text": a}
+            for q, a, index in questions]
+
+
+def ensure_easy_vqa() -> Path:
+    """Return ``<cache>/easy-vqa``: ``{train,test}/images/*.png`` and ``{train,test}.jsonl``.
+
+    Side effects: downloads the easy-vqa wheel, checks its pinned ``RECORD``, extracts every image,
+    both ``questions.json`` and the MIT licence into a temporary folder (each file checked against
+    ``RECORD``), writes the JSONL files and renames the folder into place with a ``.complete``
+    marker, so an interrupted build never looks complete.
+    """
+    target = cache_dir() / "easy-vqa"
+    if (target / COMPLETE_MARKER).is_file():
+        logger.info("using cached easy-VQA %s", target)
+        return target
+    wheel = fetch_wheel(EASY_VQA_RECORD.spec)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        record = extract_checked(wheel, EASY_VQA_RECORD.member, tmp / "RECORD",
+                                 EASY_VQA_RECORD.sha256)
+        _extract_vqa(wheel, _record_hashes(record.read_text(encoding="utf-8")), tmp)
+        for split in VQA_SPLITS:
+            (tmp / f"{split}.jsonl").write_text(_jsonl(_vqa_records(tmp, split)), encoding="utf-8")
+        (tmp / COMPLETE_MARKER).write_text(f"{EASY_VQA_RECORD.spec}\n", encoding="utf-8")
+        tmp.chmod(0o755)
+        shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete folder
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("easy-VQA ready at %s", target)
+    return target
+
+
+def check_image(path: Path) -> None:
+    """Raise :class:`CalibrationError` unless ``path`` is an image file Pillow can read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise CalibrationError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
+        raise CalibrationError(f"cannot read image {path}: {exc}") from exc
+
+
+def open_image(path: Path) -> Image:
+    """Return the image at ``path`` as an RGB ``PIL.Image`` (raises :class:`CalibrationError`)."""
+    from PIL import Image
+
+    check_image(path)
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _parse_line(line: str, where: str, base: Path) -> dict[str, Any]:
+    """Turn one JSONL line into a record; ``where`` (``file:line``) prefixes every error."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise CalibrationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [key for key in ("image", "text") if key not in obj]
+    if missing:
+        raise CalibrationError(f"{where}: missing key(s) {', '.join(missing)}; each line needs "
+                               '{"image": ..., "text": ...} and may have "prompt"')
+    record = {"image": obj["image"], "prompt": obj.get("prompt", DEFAULT_PROMPT),
+              "text": obj["text"]}
+    bad = [key for key, value in record.items() if not isinstance(value, str)]
+    if bad:
+        raise CalibrationError(f"{where}: {', '.join(bad)} must be string(s)")
+    record["image"] = base / record["image"]
+    return record
+
+
+def read_image_text_jsonl(path: str | Path, check_images: bool = True) -> list[dict[str, Any]]:
+    """Read an image-text JSONL file into ``{"image": Path, "prompt": str, "text": str}`` records.
+
+    Image paths are relative to the file's folder (absolute paths are kept). Blank lines are
+    skipped; records keep the file's order.
+
+    Args:
+        path: The JSONL file.
+        check_images: Open every distinct image once with Pillow; without it only existence is
+            checked.
+
+    Raises:
+        CalibrationError: The file is missing or holds no records, a line is not a JSON object
+            with string ``image`` and ``text``, or an image is missing or unreadable (the message
+            names the file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"image-text file {path} does not exist")
+    base, records, seen = path.parent.resolve(), [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = _parse_line(line, f"{path}:{number}", base)
+        if record["image"] not in seen:
+            try:
+                if check_images:
+                    check_image(record["image"])
+                elif not record["image"].is_file():
+                    raise CalibrationError(f"image {record['image']} does not exist")
+            except CalibrationError as exc:
+                raise CalibrationError(f"{path}:{number}: {exc}") from exc
+            seen.add(record["image"])
+        records.append(record)
+    if not records:
+        raise CalibrationError(f"image-text file {path} holds no records")
+    return records
+
+
+def read_image_text(path: str | Path) -> list[dict[str, Any]]:
+    """Read image-text records from a JSONL file or a folder (see the module docstring).
+
+    A folder with a ``captions.jsonl`` is read through it; otherwise each image file in it (name
+    order, not recursive) becomes ``{"image": path, "prompt": DEFAULT_PROMPT, "text": ""}``.
+
+    Raises:
+        CalibrationError: Nothing usable at ``path``, or a bad line or image (see
+            :func:`read_image_text_jsonl`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / CAPTIONS_FILE).is_file():
+            return read_image_text_jsonl(path / CAPTIONS_FILE)
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise CalibrationError(f"folder {path} has no {CAPTIONS_FILE} and no image files "
+                                   f"({', '.join(IMAGE_SUFFIXES)})")
+        for image in images:
+            check_image(image)
+        return [{"image": p.resolve(), "prompt": DEFAULT_PROMPT, "text": ""} for p in images]
+    return read_image_text_jsonl(path)
+
+
+def image_text_samples(kind: str = "captions", limit: int | None = None) -> list[dict[str, Any]]:
+    """Return built-in image-text records, building the data on first use.
+
+    Args:
+        kind: ``"captions"`` (the 17 captioned photos, prompt :data:`DEFAULT_PROMPT`), ``"vqa"``
+            (easy-VQA train: 38,575 questions on 4,000 images) or ``"vqa-test"`` (9,673 questions
+            on 1,000 other images). Order is the files' order: fixed.
+        limit: Keep only the first ``limit`` records.
+
+    Raises:
+        CalibrationError: Unknown ``kind`` or a negative ``limit``.
+        AssetError: The data cannot be fetched or fails its checks.
+    """
+    if kind not in SAMPLE_KINDS:
+        raise CalibrationError(f"unknown image-text set {kind!r}; choose one of "
+                               f"{', '.join(SAMPLE_KINDS)}")
+    if limit is not None and limit < 0:
+        raise CalibrationError(f"limit must be >= 0, got {limit}")
+    if kind == "captions":
+        path = ensure_photos() / CAPTIONS_FILE
+    else:
+        path = ensure_easy_vqa() / ("test.jsonl" if kind == "vqa-test" else "train.jsonl")
+    return read_image_text_jsonl(path, check_images=False)[:limit]
