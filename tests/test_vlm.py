@@ -101,3 +101,41 @@ def test_compress_changes_only_the_language_tower_and_reloads(tmp_path, calib_id
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, logits)
     assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["llava", "smolvlm"])
+def test_cli_compress_of_the_test_vlm_equals_plain_smollm2_and_exports(tmp_path, layout):
+    """Text-only calibration: the tower's factors and text perplexity are those of the
+    plain SmolLM2 compressed the same way; the checkpoint loads with its processor and
+    exports to a dense VLM."""
+    from transformers import AutoProcessor
+
+    from rankcut import vlm_assets
+    from rankcut.cli import main
+
+    folder = vlm_assets.ensure_test_vlm(layout)
+    tower = models.language_tower(AutoModelForImageTextToText.from_pretrained(folder))[0]
+    common = ["--method", "svd-llm", "--ratio", "0.3", "--num-samples", "4", "--seqlen", "64",
+              "--eval-seqlen", "128", "--max-windows", "2", "--device", "cpu"]
+    runs = {"vlm": (str(folder), f"{tower}.layers.0.*"),
+            "plain": ("smollm2", "model.layers.0.*")}
+    figures = {}
+    for key, (model, include) in runs.items():
+        out = tmp_path / key
+        assert main(["compress", "--model", model, "--include", include, *common,
+                     "--output", str(out), "--json", str(tmp_path / f"{key}.json")]) == 0
+        figures[key] = __import__("json").loads((tmp_path / f"{key}.json").read_text())
+    assert figures["vlm"]["perplexity"] == pytest.approx(figures["plain"]["perplexity"], rel=0.02)
+    vlm = checkpoint.from_pretrained(tmp_path / "vlm")
+    plain = checkpoint.from_pretrained(tmp_path / "plain")
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        mine = vlm.get_submodule(f"{tower}.layers.0.{name}").factors()
+        theirs = plain.get_submodule(f"model.layers.0.{name}").factors()
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert AutoProcessor.from_pretrained(tmp_path / "vlm") is not None
+    assert main(["export", str(tmp_path / "vlm"), "--dense", "--output", str(tmp_path / "d")]) == 0
+    dense = AutoModelForImageTextToText.from_pretrained(tmp_path / "d")
+    assert not hasattr(dense.config, "quantization_config")
+    assert not any(isinstance(m, rankcut.LowRankLinear) for m in dense.modules())
