@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="samples per forward pass (uniform methods; io-svd batches by 4)")
     parser.add_argument("--eval", action="store_true",
                         help="also compute streamed perplexity (its logits add to the peak)")
     parser.add_argument("--keep", action="store_true", help="keep the compressed outputs")
