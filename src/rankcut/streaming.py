@@ -445,7 +445,7 @@ def compress_streaming(
                           for r in work.progress["results"])
     report.seconds = time.perf_counter() - start
     sm.model.config.quantization_config = report.quantization_config()
-    if distributed.world()[0] == 0:
+    if rank == 0:  # under torch.distributed, process 0 writes; the others wait
         _assemble(sm, work, output, tokenizer)
     distributed.barrier()
     shutil.rmtree(work.path, ignore_errors=True)
