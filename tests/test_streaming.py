@@ -219,3 +219,12 @@ def test_learned_position_embeddings_allow_uniform_methods_only(tmp_path, calib_
     with pytest.raises(UnsupportedModelError, match="position embeddings"):
         streaming.compress_streaming(src, tmp_path / "io", methods.make_config("io-svd"),
                                      calib_ids, batch_size=4)
+
+
+def test_allocator_settings_apply_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert streaming.return_freed_memory() is True
+    streaming.trim_heap()  # returns free heap pages; must not fail

@@ -304,6 +304,7 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
         raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib = _calibration(args, config, tokenizer, always=False)
+    streaming.trim_heap()  # the tokenizer's work on the whole calibration text
     rank = distributed.world()[0]
     eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
 

@@ -282,6 +282,7 @@ class WorkFolder:
         logs them with the process's peak RSS so far."""
         self.progress.update(updates)
         _atomic_write(self.path / PROGRESS, json.dumps(self.progress).encode())
+        trim_heap()
         steps = ", ".join(f"{k}={v}" for k, v in updates.items() if isinstance(v, int))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         logger.info("committed %s; peak RSS %.0f MiB", steps, peak)
@@ -323,6 +324,27 @@ def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, to
 _M_MMAP_THRESHOLD = -3
 
 
+def _libc():
+    """glibc, or None where the C library is another."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Returns the free pages of the C heap to the system (glibc's ``malloc_trim``; a
+    no-op elsewhere). Freed small objects, e.g. the tokenizer's work on the calibration
+    text, otherwise stay in the process's resident memory."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Makes glibc serve allocations above ``threshold`` bytes with their own mappings, so
     that a freed tensor goes back to the system instead of fragmenting the heap: without
@@ -332,14 +354,8 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     owns the process, as ``rankcut compress --stream`` does). Returns False (and changes
     nothing) where the C library is not glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 @dataclass
