@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 TARGETS = {"svd-llm": 0.40, "io-svd": 0.60}
+GLOBAL = ("zero-sum", "io-svd")  # batched by --grad-batch-size
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4, vocab_size=49152,
              max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5)
@@ -106,6 +107,7 @@ def run_method(model: Path, method: str, args: argparse.Namespace) -> dict:
                "--stream", "--method", method, "--ratio", str(args.ratio),
                "--num-samples", str(args.num_samples), "--seqlen", str(args.seqlen),
                "--batch-size", str(args.batch_size), "--output", str(out),
+               *(["--grad-batch-size", str(args.batch_size)] if method in GLOBAL else []),
                "--json", str(figures_file)]
     command += ["--max-windows", "2"] if args.eval else ["--no-eval"]
     start = time.perf_counter()
@@ -126,7 +128,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1,
-                        help="samples per forward pass (uniform methods; io-svd batches by 4)")
+                        help="samples per forward pass (--grad-batch-size for io-svd)")
     parser.add_argument("--eval", action="store_true",
                         help="also compute streamed perplexity (its logits add to the peak)")
     parser.add_argument("--keep", action="store_true", help="keep the compressed outputs")

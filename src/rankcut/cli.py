@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reduction of the target layers")
     c.add_argument("--grad-samples", type=int, default=None,
                    help="calibration samples used for gradients (zero-sum, io-svd; default all)")
+    c.add_argument("--grad-batch-size", type=int, default=None,
+                   help="samples per gradient pass (zero-sum, io-svd; default 4): with "
+                        "--stream it sets the head's logits memory")
     c.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="recompute blocks in the gradient backward pass (zero-sum; default "
                         "auto: on when stored activations would exceed 1/4 of memory)")
@@ -231,6 +234,7 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
         stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples,
+        grad_batch_size=args.grad_batch_size,
         checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
         top_k=args.top_k, kl_mode=args.kl_mode, score=args.score, remap=args.remap,
         alpha=args.alpha)
