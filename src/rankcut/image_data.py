@@ -22,9 +22,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -34,6 +31,7 @@ from rankcut.assets import (
     COMPLETE_MARKER,
     WheelMember,
     _write_atomic,
+    build_folder,
     cache_dir,
     extract_checked,
     fetch_wheel,
@@ -142,19 +140,15 @@ def ensure_easy_vqa() -> Path:
         logger.info("using cached easy-VQA %s", target)
         return target
     wheel = fetch_wheel(EASY_VQA_RECORD.spec)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def build(tmp: Path) -> None:
         record = extract_checked(wheel, EASY_VQA_RECORD.member, tmp / "RECORD",
                                  EASY_VQA_RECORD.sha256)
         _extract_vqa(wheel, _record_hashes(record.read_text(encoding="utf-8")), tmp)
         for split in VQA_SPLITS:
             (tmp / f"{split}.jsonl").write_text(_jsonl(_vqa_records(tmp, split)), encoding="utf-8")
-        (tmp / COMPLETE_MARKER).write_text(f"{EASY_VQA_RECORD.spec}\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete folder
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_folder(target, EASY_VQA_RECORD.spec, build)
     logger.info("easy-VQA ready at %s", target)
     return target
 

@@ -26,13 +26,10 @@ text-only logits on the original vocabulary equal SmolLM2's exactly; the build c
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankcut.assets import COMPLETE_MARKER, cache_dir, ensure_smollm2
+from rankcut.assets import COMPLETE_MARKER, build_folder, cache_dir, ensure_smollm2
 from rankcut.errors import AssetError
 
 logger = logging.getLogger(__name__)
@@ -238,17 +235,13 @@ def ensure_test_vlm(name: str) -> Path:
         logger.info("using cached test VLM %s", target)
         return target
     smollm2 = ensure_smollm2()
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def build(tmp: Path) -> None:
         logger.info("building the %s test VLM in %s", name, tmp)
         build_test_vlm(name, tmp, smollm2)
         verify_test_vlm(tmp, smollm2)
-        (tmp / COMPLETE_MARKER).write_text(f"{name} seed={VISION_SEED}\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete folder
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_folder(target, f"{name} seed={VISION_SEED}", build)
     logger.info("test VLM ready at %s", target)
     return target
 
