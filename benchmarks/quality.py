@@ -11,6 +11,11 @@ A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequen
 ``name:key=value`` sets any other (e.g. ``zero-sum:stages=3:rule=least-sensitive``).
 ``+update`` adds a parameter update after truncation, with its own settings
 (``svd-llm+refit``, ``svd-llm+lora:steps=40``).
+A vision-language model adds image-text calibration and the caption perplexity:
+
+    .venv/bin/python benchmarks/quality.py --model smollm2-llava --methods io-svd \
+        --ratios 0.2 0.4 --calib-images vqa --eval-images captions
+
 Prints a table and writes JSON (default ``bench-out/quality.json``).
 """
 
@@ -32,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-file", default=None)
     p.add_argument("--eval-file", default=None)
     p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--calib-images", default=None,
+                   help="image-text calibration of a vision-language model (see rankcut compress)")
+    p.add_argument("--image-samples", type=int, default=None,
+                   help="windows that start with an image (default: half of --num-samples)")
+    p.add_argument("--eval-images", default=None,
+                   help="also the caption perplexity given the image (vision-language model)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--eval-seqlen", type=int, default=2048)
@@ -61,13 +72,16 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     import torch
 
     import rankcut
-    from rankcut import data
+    from rankcut import data, image_data
     from rankcut.cli import peak_gpu_mb, peak_rss_mb
+    from rankcut.evaluation import caption_perplexity
+    from rankcut.models import text_tokenizer
     from rankcut.update import make_update
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
-    model, tokenizer = rankcut.load_model(args.model, device=args.device)
+    model, processor = rankcut.load_model(args.model, device=args.device)
+    tokenizer = text_tokenizer(processor)
     row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0}
     if method is not None:
         method_part, _, update_part = method.partition("+")
@@ -80,8 +94,12 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
         calib = None
         if config.needs_input_stats or config.needs_row_fisher or update is not None:
             text = data.load_text(args.calib_file or "wiki", "calib")
-            calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
-                                           args.seed)
+            calib = (image_data.mixed_calibration(processor, text, args.num_samples,
+                                                  args.seqlen, args.seed, args.calib_images,
+                                                  args.image_samples or args.num_samples // 2)
+                     if args.calib_images else
+                     data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
+                                            args.seed))
         report = rankcut.compress(model, config, calib, update=update)
         row.update(achieved_ratio=report.achieved_ratio,
                    achieved_byte_ratio=report.achieved_byte_ratio, compress_seconds=report.seconds,
@@ -89,6 +107,9 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
                    update_log=report.update.log if report.update else [])
     test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
     result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
+    if args.eval_images:
+        records = image_data.image_text_source(args.eval_images)
+        row["caption_perplexity"] = caption_perplexity(model, processor, records).perplexity
     row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,
                peak_rss_mb=peak_rss_mb(), device=args.device, peak_gpu_mb=peak_gpu_mb())
     return row
@@ -122,15 +143,19 @@ def spawn(argv: list[str], method: str, ratio: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
+    captions = any("caption_perplexity" in r for r in rows)
     print(f"\n{'method':<34}{'target':>8}{'achieved':>10}{'bytes':>8}{'perplexity':>12}"
-          f"{'compress s':>12}{'peak RSS MiB':>14}", flush=True)
+          + (f"{'caption ppl':>13}" if captions else "")
+          + f"{'compress s':>12}{'peak RSS MiB':>14}", flush=True)
     for r in rows:
-        ppl = r["perplexity"]
-        ppl_text = f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
+        caption = f"{_ppl(r.get('caption_perplexity', float('nan'))):>13}" if captions else ""
         print(f"{r['method']:<34}{r['target_ratio']:>8.2f}{r.get('achieved_ratio', 0.0):>10.4f}"
-              f"{r.get('achieved_byte_ratio', 0.0):>8.4f}"
-              f"{ppl_text:>12}{r.get('compress_seconds', 0.0):>12.1f}"
-              f"{r['peak_rss_mb']:>14.0f}", flush=True)
+              f"{r.get('achieved_byte_ratio', 0.0):>8.4f}{_ppl(r['perplexity']):>12}{caption}"
+              f"{r.get('compress_seconds', 0.0):>12.1f}{r['peak_rss_mb']:>14.0f}", flush=True)
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:

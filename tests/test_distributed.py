@@ -44,6 +44,9 @@ CASES = {
                      0.3),
     "io-svd-classic": ("io-svd", {"remap": "classic", "grad_batch_size": 3}, 1, 0.3),
     "io-svd-loss-aware": ("io-svd", {"remap": "loss-aware", "grad_batch_size": 3}, 1, 0.3),
+    # a tiny LLaVA on 4 text and 4 image-text samples (batches never mix the two kinds)
+    "io-svd-images": ("io-svd", {"grad_batch_size": 3}, 5, 0.3),
+    "svd-llm-images": ("svd-llm", {}, 5, 0.3),
 }
 
 
@@ -52,6 +55,10 @@ def _run(case: str) -> dict:
     method, settings, seed, ratio = CASES[case]
     ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(seed))
     model = tiny_model("llama")
+    if case.endswith("-images"):
+        from .test_vlm_calibration import image_calibration, tiny_vlm
+
+        model, ids = tiny_vlm("llava"), image_calibration("llava", seed=seed)
     report = rankcut.compress(model, rankcut.make_config(method, ratio=ratio, **settings), ids,
                               batch_size=3)
     factors = {name: [t.detach().clone() for t in module.factors()]
@@ -160,8 +167,9 @@ def test_distributed_refusals_name_the_fix(two_processes):
 def test_helpers_without_a_process_group_change_nothing():
     ids = torch.arange(40).view(10, 4)
     assert distributed.world() == (0, 1)
-    assert distributed.my_batches(ids, 3) is ids
-    assert distributed.idle_steps(10, 3) == 0
+    assert [b.tolist() for b in distributed.my_batches(ids, 3)] == [
+        b.tolist() for b in ids.split(3)]
+    assert distributed.idle_steps(4) == 0
     assert distributed.mine(["a", "b", "c"]) == ["a", "b", "c"]
     tensor = torch.ones(3)
     distributed.sum_tensors([tensor])

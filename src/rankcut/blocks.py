@@ -7,10 +7,13 @@ its inputs and its outputs become the next block's inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from . import linalg
+from .data import Calibration, as_calibration
 from .hooks import InputMomentHooks
 
 
@@ -36,15 +39,20 @@ def kwarg_sources(model: nn.Module, count: int) -> list[int]:
     return [first.setdefault(kind, i) for i, kind in enumerate(types)]
 
 
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
-                         batch_size: int) -> list[Batch]:
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
+                         batches: Sequence[torch.Tensor | Calibration]) -> list[Batch]:
     """Runs the model up to the first decoder block and records that block's inputs.
 
+    Args:
+        model: the whole model (a vision-language model runs its vision side too).
+        blocks: its decoder blocks.
+        batches: token-id tensors or ``Calibration`` batches (with images).
+
     Returns:
-        One (hidden_states, {source block: keyword arguments}) pair per batch of
-        ``batch_size`` samples. The keyword arguments (attention mask, position embeddings,
-        ...) are the ones the model passed to the first block of each attention type
-        (see ``kwarg_sources``); the forward pass stops once all of them are recorded.
+        One (hidden_states, {source block: keyword arguments}) pair per batch. The keyword
+        arguments (attention mask, position embeddings, ...) are the ones the model passed to
+        the first block of each attention type (see ``kwarg_sources``); the forward pass
+        stops once all of them are recorded.
     """
     sources = sorted(set(kwarg_sources(model, len(blocks))))
     captured: list[Batch] = []
@@ -62,14 +70,15 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
 
         return hook
 
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
     handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i in sources]
     try:
         with torch.no_grad():
-            for batch in ids.split(batch_size):
+            for batch in batches:
+                inputs = as_calibration(batch).model_inputs(parameter.device, parameter.dtype)
                 try:
-                    model(input_ids=batch.to(device), use_cache=False)
+                    model(**inputs, use_cache=False)
                 except _StopForward:
                     pass
     finally:

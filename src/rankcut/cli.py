@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of target-layer parameters to remove, in (0, 1)")
     c.add_argument("--calib", default="wiki", help="wiki | wikitext2 | c4 | ptb | alpaca")
     c.add_argument("--calib-file", default=None, help="local .txt or .jsonl calibration text")
-    c.add_argument("--num-samples", type=int, default=64)
+    c.add_argument("--num-samples", type=int, default=64, help="calibration windows")
+    c.add_argument("--calib-images", default=None, metavar="DIR_OR_JSONL",
+                   help="image-text calibration of a vision-language model: the first "
+                        "--image-samples windows start with an image-text record of a JSONL "
+                        "file, a folder of images, or a built-in set (captions, vqa, vqa-test)")
+    c.add_argument("--image-samples", type=int, default=None,
+                   help="windows that start with an image (default: half of --num-samples)")
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--seed", type=int, default=3)
     c.add_argument("--batch-size", type=int, default=8)
@@ -208,6 +214,9 @@ def _add_eval_args(p: argparse.ArgumentParser, seqlen_flag: str, default_windows
     p.add_argument("--eval-file", default=None, help="local .txt or .jsonl evaluation text")
     p.add_argument(seqlen_flag, dest="eval_seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=default_windows)
+    p.add_argument("--eval-images", default=None, metavar="DIR_OR_JSONL",
+                   help="also the caption perplexity given the image (a vision-language "
+                        "model): a JSONL file, a captioned folder, or captions / vqa-test")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -252,6 +261,9 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
                                  "torchrun")
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     start = time.perf_counter()
+    if args.stream and (args.calib_images or args.eval_images):
+        raise update.ConfigError("--calib-images and --eval-images are not supported with "
+                                 "--stream; compress the vision-language model in memory")
     if args.stream:
         if update_config is not None:
             raise update.ConfigError("--update is not supported with --stream")
@@ -262,9 +274,12 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
         return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
                                 kept_bytes, start, device)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    _check_images(args, model, args.model)
     calib = _calibration(args, config, tokenizer, update_config is not None)
     eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
     dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
+    captions = None if args.no_eval or rank > 0 else _caption_records(args)
+    dense_captions = _caption_perplexity(model, tokenizer, captions)
     dense_bytes = weight_bytes(model)
     torch.manual_seed(args.seed)
     report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
@@ -275,18 +290,49 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
     out = checkpoint.save_pretrained(model, args.output, tokenizer)
     ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
     _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
-                     weight_bytes(model), start, device)
+                     weight_bytes(model), start, device,
+                     (dense_captions, _caption_perplexity(model, tokenizer, captions)))
 
 
 def _calibration(args: argparse.Namespace, config, tokenizer, always: bool):
-    """The calibration token ids, or None when the method and update need none."""
-    from . import data
+    """The calibration: token windows, plus image-text samples with ``--calib-images``
+    (``tokenizer`` is then the model's processor); None when the method and update need
+    none."""
+    from . import data, image_data
 
     if not (config.needs_input_stats or config.needs_row_fisher or always):
         return None
     text = data.load_text(args.calib_file or args.calib, part="calib")
-    return data.calibration_batch(text_tokenizer(tokenizer), text, args.num_samples,
-                                  args.seqlen, args.seed)
+    if not args.calib_images:
+        return data.calibration_batch(text_tokenizer(tokenizer), text, args.num_samples,
+                                      args.seqlen, args.seed)
+    images = (max(1, args.num_samples // 2) if args.image_samples is None
+              else args.image_samples)
+    return image_data.mixed_calibration(tokenizer, text, args.num_samples, args.seqlen,
+                                        args.seed, args.calib_images, images)
+
+
+def _check_images(args: argparse.Namespace, model, source) -> None:
+    """Refuses image options for a model without a vision side."""
+    from .errors import ConfigError
+    from .models import is_vision_language
+
+    for flag in ("calib_images", "eval_images"):
+        if getattr(args, flag, None) and not is_vision_language(model):
+            raise ConfigError(f"--{flag.replace('_', '-')} needs a vision-language model; "
+                              f"{source or 'the default model'} has no vision side")
+
+
+def _caption_records(args: argparse.Namespace):
+    from .image_data import image_text_source
+
+    return image_text_source(args.eval_images) if args.eval_images else None
+
+
+def _caption_perplexity(model, processor, records) -> float | None:
+    from .evaluation import caption_perplexity
+
+    return None if records is None else caption_perplexity(model, processor, records).perplexity
 
 
 def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype):
@@ -332,7 +378,7 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
 
 
 def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kept_bytes,
-                     start, device) -> None:
+                     start, device, captions=(None, None)) -> None:
     """Writes rank_map.json and the run's figures, prints the summary and closing table."""
     from . import distributed, models
 
@@ -346,6 +392,7 @@ def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kep
         "model_bytes_dense": dense_bytes, "model_bytes": kept_bytes,
         "streamed": bool(args.stream),
         "dense_perplexity": dense_ppl, "perplexity": ppl,
+        "dense_caption_perplexity": captions[0], "caption_perplexity": captions[1],
         "stage_losses": report.stage_losses,
         "update": report.update.settings if report.update else None,
         "update_log": report.update.log if report.update else [],
@@ -395,11 +442,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Prints (and optionally writes) the perplexity of one model, or with ``--tasks`` its
     lm-eval task accuracies (and the perplexity too when --eval or --eval-file is given)."""
     from . import models
-    from .evaluation import evaluate
+    from .evaluation import caption_perplexity, evaluate
 
     task_settings = _task_settings(args)
     device, dtype = _device(args)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    _check_images(args, model, args.model)
     figures: dict = {"model": args.model}
     if not args.tasks or args.eval or args.eval_file:
         args.eval = args.eval or "wiki"
@@ -407,6 +455,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                           max_windows=args.max_windows)
         figures.update(perplexity=result.perplexity, nll=result.nll, windows=result.windows,
                        tokens=result.tokens, nonfinite_windows=result.nonfinite_windows)
+    if args.eval_images:
+        captions = caption_perplexity(model, tokenizer, _caption_records(args))
+        figures.update(caption_perplexity=captions.perplexity, caption_tokens=captions.tokens)
     if args.tasks:
         figures.update(_run_tasks(model, tokenizer, args.tasks, task_settings))
     figures["peak_rss_mb"] = peak_rss_mb()
@@ -615,6 +666,8 @@ def _print_closing_table(f: dict) -> None:
 
     rows = [
         ("perplexity", f["dense_perplexity"], f["perplexity"]),
+        *([("caption perplexity", f["dense_caption_perplexity"], f["caption_perplexity"])]
+          if f.get("caption_perplexity") is not None else []),
         ("target-layer params", f["target_params_dense"], f["target_params_kept"]),
         ("model bytes", f["model_bytes_dense"], f["model_bytes"]),
         ("ratio (target / achieved)", f["target_ratio"], f["achieved_ratio"]),

@@ -1,10 +1,12 @@
-"""Calibration and evaluation text: loading it and turning it into token ids."""
+"""Calibration and evaluation data: loading text, turning it into token windows, and the
+``Calibration`` set that carries image-text samples for vision-language models."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +154,104 @@ def calibration_batch(
 def eval_token_ids(tokenizer: Any, text: str) -> torch.LongTensor:
     """Tokenize the (already blank-line-joined) evaluation text once; return 1-D token ids."""
     return _encode(tokenizer, text, "evaluation")
+
+
+#: Label of a position that is not predicted (the prompt and image tokens of an image sample).
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration samples of one length, some of which may carry an image.
+
+    A plain [N, L] LongTensor of token windows is text-only calibration; ``as_calibration``
+    wraps it. Image-text samples (``image_data.image_text_calibration``) keep the processor's
+    image tensors and labels that leave their prompt (with its image tokens) unpredicted.
+
+    Attributes:
+        input_ids: [N, L] token ids.
+        labels: [N, L] the token each position is, ``IGNORE`` where it is not predicted.
+        images: per sample, {processor output name: tensor with a leading batch dimension
+            of 1} for its image, or None for a text-only sample.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    images: tuple[dict[str, torch.Tensor] | None, ...]
+
+    @staticmethod
+    def concat(parts: list[torch.Tensor | Calibration]) -> Calibration:
+        """The samples of ``parts`` (token ids or ``Calibration``s of one length) in order."""
+        parts = [as_calibration(part) for part in parts]
+        return Calibration(torch.cat([p.input_ids for p in parts]),
+                           torch.cat([p.labels for p in parts]),
+                           sum((p.images for p in parts), ()))
+
+    @property
+    def shape(self) -> torch.Size:
+        """[N, L], like the token-id tensor it stands for."""
+        return self.input_ids.shape
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def numel(self) -> int:
+        """Number of tokens."""
+        return self.input_ids.numel()
+
+    @property
+    def has_images(self) -> bool:
+        """Whether any sample carries an image."""
+        return any(image is not None for image in self.images)
+
+    def __getitem__(self, index: slice) -> Calibration:
+        """The samples ``index`` (a slice) selects."""
+        return Calibration(self.input_ids[index], self.labels[index], self.images[index])
+
+    def split(self, batch_size: int) -> list[Calibration]:
+        """Consecutive batches of at most ``batch_size`` samples. A batch never mixes samples
+        whose image tensors differ in name or shape (text-only samples are one kind), so that
+        each batch's images concatenate into the model's input."""
+        batches, start = [], 0
+        for end in range(1, len(self) + 1):
+            if (end == len(self) or end - start == batch_size
+                    or _image_kind(self.images[end]) != _image_kind(self.images[start])):
+                batches.append(self[start:end])
+                start = end
+        return batches
+
+    def model_inputs(self, device: torch.device | str, dtype: torch.dtype | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward pass for this batch: ``input_ids``
+        and, for image samples, their image tensors concatenated on the batch dimension
+        (floating ones cast to ``dtype``)."""
+        inputs = {"input_ids": self.input_ids.to(device)}
+        if self.images and self.images[0] is not None:
+            for key in self.images[0]:
+                value = torch.cat([image[key] for image in self.images])
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                inputs[key] = value.to(device)
+        return inputs
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[N, L-1] the next token of every position but the last (``IGNORE``: none)."""
+        return self.labels[:, 1:]
+
+    @property
+    def predicted(self) -> int:
+        """Number of predicted tokens (what a mean loss divides by)."""
+        return int((self.targets != IGNORE).sum())
+
+
+def _image_kind(image: dict[str, torch.Tensor] | None) -> tuple | None:
+    return None if image is None else tuple((k, tuple(v.shape[1:])) for k, v in image.items())
+
+
+def as_calibration(value: torch.Tensor | Calibration) -> Calibration:
+    """Returns ``value`` when it is a ``Calibration``; wraps [N, L] token ids as a
+    text-only one (every position predicted) otherwise."""
+    if isinstance(value, Calibration):
+        return value
+    return Calibration(value, value, (None,) * value.shape[0])

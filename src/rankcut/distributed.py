@@ -19,13 +19,16 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
 from .linalg import SecondMoment
+
+if TYPE_CHECKING:
+    from .data import Calibration
 
 T = TypeVar("T")
 
@@ -40,31 +43,29 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def my_batches(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Returns this rank's share of ``ids`` [num_samples, seqlen]: of the global batches of
-    ``batch_size`` samples, numbers rank, rank + W, rank + 2W, ... concatenated, so that
-    splitting the result by ``batch_size`` gives global batch j·W + rank at step j.
+def my_batches(ids: torch.Tensor | Calibration, batch_size: int) -> list:
+    """Returns this rank's share of the calibration batches: ``ids`` (token ids [N, L] or a
+    ``data.Calibration``) split into batches of ``batch_size`` samples, of which this rank
+    takes numbers rank, rank + W, rank + 2W, ... (global batch j·W + rank at step j).
 
     Raises:
         ConfigError: there are fewer batches than processes.
     """
     rank, size = world()
-    if size == 1:
-        return ids
-    batches = ids.split(batch_size)
+    batches = list(ids.split(batch_size))
     if len(batches) < size:
         raise ConfigError(f"{ids.shape[0]} calibration samples in batches of {batch_size} "
                           f"give {len(batches)} batch(es) for {size} processes; use more "
                           "samples or a smaller batch size")
-    return torch.cat(batches[rank::size])
+    return batches[rank::size]
 
 
-def idle_steps(samples: int, batch_size: int) -> int:
+def idle_steps(batches: int) -> int:
     """Returns how many steps of a lockstep loop over ``my_batches`` this rank has no batch
-    at (0 or 1: the last step when the batches do not divide evenly)."""
+    at, of ``batches`` global batches (0 or 1: the last step when they do not divide
+    evenly)."""
     rank, size = world()
-    count = math.ceil(samples / batch_size)
-    return math.ceil(count / size) - len(range(rank, count, size))
+    return math.ceil(batches / size) - len(range(rank, batches, size))
 
 
 def mine(names: Sequence[str]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +92,56 @@ def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
     return nll.tolist()
 
 
-def summarize(nll: list[float], tokens_per_window: int) -> PerplexityResult:
-    """The perplexity of windows with summed NLLs ``nll``; logs the non-finite ones."""
+def summarize(nll: list[float], tokens_per_window: int | None = None,
+              tokens: int | None = None) -> PerplexityResult:
+    """The perplexity of windows with summed NLLs ``nll`` over ``tokens`` predicted tokens
+    (default ``len(nll) * tokens_per_window``); logs the non-finite windows."""
     bad = [i for i, value in enumerate(nll) if not math.isfinite(value)]
     if bad:
         logger.warning("non-finite loss in %d window(s): %s", len(bad), bad)
-    tokens = len(nll) * tokens_per_window
+    tokens = len(nll) * tokens_per_window if tokens is None else tokens
     mean = sum(nll) / tokens
     ppl = math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf")
     if math.isnan(mean):
         ppl = float("nan")
     return PerplexityResult(ppl, mean, len(nll), tokens, bad)
+
+
+def caption_perplexity(model: nn.Module, processor: Any, records: list[dict[str, Any]]
+                       ) -> PerplexityResult:
+    """Perplexity of each record's text given its image and prompt (a vision-language model).
+
+    Each record goes through the processor as in calibration
+    (``image_data.encode_image_text``: chat template, image tokens, then the text) and only
+    the tokens of its text are scored. One record per forward pass.
+
+    Args:
+        model: a vision-language model.
+        processor: its processor.
+        records: image-text records (``image``, ``prompt``, ``text``).
+
+    Raises:
+        CalibrationError: no record has any text, or an image cannot be read.
+    """
+    from .image_data import encode_image_text
+
+    parameter = next(model.parameters())
+    nll, tokens = [], 0
+    with torch.no_grad():
+        for record in tqdm(records, desc="caption perplexity", unit="image"):
+            sample = encode_image_text(processor, record)
+            start = sample.prompt_tokens
+            if sample.ids.numel() <= start:
+                continue
+            inputs = {key: value.to(parameter.device, parameter.dtype)
+                      if value.is_floating_point() else value.to(parameter.device)
+                      for key, value in sample.images.items()}
+            logits = model(input_ids=sample.ids[None].to(parameter.device), **inputs,
+                           use_cache=False).logits[0, start - 1:-1]
+            nll.append(float(F.cross_entropy(logits.float(),
+                                             sample.ids[start:].to(parameter.device),
+                                             reduction="sum")))
+            tokens += sample.ids.numel() - start
+    if not nll:
+        raise CalibrationError("no image-text record has any text to score")
+    return summarize(nll, tokens=tokens)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .data import IGNORE, Calibration, as_calibration
 from .errors import CalibrationError
 from .hooks import InputMomentHooks, OutputMetricHooks
 from .models import find_decoder_blocks
@@ -85,20 +86,23 @@ def _block_checkpointing(model: nn.Module, enabled: bool):
         disable()
 
 
-def _batch_loss_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return _batch_loss_and_logits(model, batch)[0]
-
-
-def _batch_loss_and_logits(model: nn.Module, batch: torch.Tensor):
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+def _batch_loss_and_logits(model: nn.Module, batch: Calibration):
+    """Summed next-token cross-entropy of one batch over its predicted tokens, and the
+    logits of every position but the last."""
+    parameter = next(model.parameters())
+    inputs = batch.model_inputs(parameter.device, parameter.dtype)
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(),
+                           batch.targets.to(parameter.device).flatten(),
+                           ignore_index=IGNORE, reduction="sum")
     if not torch.isfinite(loss):
         raise CalibrationError("calibration loss is not finite; the model produced NaN/inf")
     return loss, logits
 
 
 def calibration_gradients(
-    model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int = 4,
+    model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor | Calibration,
+    batch_size: int = 4,
     input_hooks: InputMomentHooks | None = None, checkpointing: bool | None = None,
     output_hooks: OutputMetricHooks | None = None,
     fisher_rows: dict[str, torch.Tensor] | None = None,
@@ -119,7 +123,8 @@ def calibration_gradients(
     Args:
         model: a causal LM in eval mode.
         layers: {name: nn.Linear} whose weight gradients are wanted.
-        ids: [num_samples, seqlen] calibration token ids.
+        ids: [num_samples, seqlen] calibration token ids, or a ``Calibration`` (image
+            samples: the loss counts only their labelled tokens).
         batch_size: samples per forward/backward pass.
         input_hooks: entered ``InputMomentHooks`` to feed during the forward passes.
         checkpointing: recompute blocks in the backward pass; None decides by
@@ -131,7 +136,7 @@ def calibration_gradients(
         weight_grads: False skips the loss backward pass (only the hooks' statistics and
             the loss are wanted); the returned gradient dict is then empty.
     """
-    device = next(model.parameters()).device
+    ids = as_calibration(ids)
     sums = {name: torch.zeros(layer.weight.shape, dtype=torch.float32)
             for name, layer in layers.items() if weight_grads}
     total, count = 0.0, 0
@@ -139,10 +144,9 @@ def calibration_gradients(
         checkpointing = checkpointing_needed(model, batch_size * ids.shape[1])
     logger.info("gradients: %d samples, activation checkpointing %s", ids.shape[0],
                 "on" if checkpointing else "off")
-    batches = distributed.my_batches(ids, batch_size).split(batch_size)
+    batches = distributed.my_batches(ids, batch_size)
     with _only_targets_require_grad(model, layers), _block_checkpointing(model, checkpointing):
         for batch in tqdm(batches, desc="gradients", unit="batch"):
-            batch = batch.to(device)
             if input_hooks is not None:
                 input_hooks.new_batch()
                 input_hooks.active = True
@@ -155,10 +159,10 @@ def calibration_gradients(
             if weight_grads:
                 loss.backward(retain_graph=output_hooks is not None)
             if output_hooks is not None:
-                output_hooks.accumulate(logits)
+                output_hooks.accumulate(logits, batch.targets != IGNORE)
             del logits
             total += loss.item()
-            count += batch[:, 1:].numel()
+            count += batch.predicted
             if not weight_grads:
                 continue
             for name, layer in layers.items():
@@ -168,7 +172,7 @@ def calibration_gradients(
                     fisher_rows[name] += grad.double().square().sum(1)
                 layer.weight.grad = None
     if output_hooks is not None:  # a rank with fewer batches takes part in every draw step
-        for _ in range(distributed.idle_steps(ids.shape[0], batch_size)):
+        for _ in range(distributed.idle_steps(len(ids.split(batch_size)))):
             output_hooks.skip()
     total, count = _sum_over_ranks(sums, fisher_rows, (input_hooks, output_hooks), total, count)
     return {name: s / count for name, s in sums.items() if weight_grads}, total / count
@@ -184,15 +188,15 @@ def _sum_over_ranks(sums, fisher_rows, hooks, total, count) -> tuple[float, int]
     return distributed.sum_numbers(total, count)
 
 
-def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """Returns the mean next-token cross-entropy of ``model`` on calibration ids (in a
-    distributed run a collective: each rank runs its share of the batches)."""
-    device = next(model.parameters()).device
+def calibration_loss(model: nn.Module, ids: torch.Tensor | Calibration,
+                     batch_size: int = 4) -> float:
+    """Returns the mean next-token cross-entropy of ``model`` on calibration ids or a
+    ``Calibration`` (in a distributed run a collective: each rank runs its share of the
+    batches)."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in distributed.my_batches(ids, batch_size).split(batch_size):
-            batch = batch.to(device)
-            total += _batch_loss_sum(model, batch).item()
-            count += batch[:, 1:].numel()
+        for batch in distributed.my_batches(as_calibration(ids), batch_size):
+            total += _batch_loss_and_logits(model, batch)[0].item()
+            count += batch.predicted
     total, count = distributed.sum_numbers(total, count)
     return total / count

@@ -114,10 +114,15 @@ class OutputMetricHooks:
 
         return hook
 
-    def accumulate(self, logits: torch.Tensor) -> None:
+    def accumulate(self, logits: torch.Tensor, predicted: torch.Tensor | None = None) -> None:
         """Back-propagates the seeds of ``logits`` (still attached to the graph of the last
         active forward pass) to every kept output and adds their outer products. Frees the
         kept outputs.
+
+        Args:
+            logits: [batch, positions, vocabulary], attached to the graph.
+            predicted: [batch, positions] bool, False where a position's distribution does
+                not count (the prompt of an image sample); None: every position counts.
 
         Raises:
             CalibrationError: a layer's output did not reach the logits, or a
@@ -125,9 +130,13 @@ class OutputMetricHooks:
         """
         names = list(self._outputs)
         outputs = [self._outputs[name] for name in names]
+        if predicted is not None and bool(predicted.all()):
+            predicted = None
         try:
             seeds = fisher.kl_seeds(logits, self.top_k, self.mode, draw=self._draw)
             for k, seed in enumerate(seeds):
+                if predicted is not None:
+                    seed = seed * predicted.to(seed.device, seed.dtype)[..., None]
                 grads = torch.autograd.grad(logits, outputs, seed.to(logits.dtype),
                                             retain_graph=True, allow_unused=True)
                 for name, grad in zip(names, grads, strict=True):

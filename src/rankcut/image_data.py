@@ -23,9 +23,12 @@ import hashlib
 import json
 import logging
 import zipfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from rankcut.assets import (
     COMPLETE_MARKER,
@@ -36,7 +39,8 @@ from rankcut.assets import (
     extract_checked,
     fetch_wheel,
 )
-from rankcut.errors import AssetError, CalibrationError
+from rankcut.data import IGNORE, Calibration, calibration_batch
+from rankcut.errors import AssetError, CalibrationError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -282,3 +286,136 @@ def image_text_samples(kind: str = "captions", limit: int | None = None) -> list
     else:
         path = ensure_easy_vqa() / ("test.jsonl" if kind == "vqa-test" else "train.jsonl")
     return read_image_text_jsonl(path, check_images=False)[:limit]
+
+
+def image_text_source(source: str) -> list[dict[str, Any]]:
+    """Records of ``--calib-images`` / ``--eval-images``: a built-in set named in
+    :data:`SAMPLE_KINDS`, else a JSONL file or a folder (:func:`read_image_text`)."""
+    if source in SAMPLE_KINDS:
+        return image_text_samples(source)
+    if not Path(source).exists():
+        raise CalibrationError(f"image-text source not found: {source} (give a JSONL file, a "
+                               f"folder of images, or one of {', '.join(SAMPLE_KINDS)})")
+    return read_image_text(source)
+
+
+def choose_records(records: list[dict[str, Any]], count: int, seed: int
+                   ) -> list[dict[str, Any]]:
+    """Returns ``count`` records drawn without replacement from a seeded generator, in file
+    order (all of them when there are not more than ``count``)."""
+    if count < 1:
+        raise CalibrationError(f"the number of image samples must be at least 1, got {count}")
+    if len(records) <= count:
+        return list(records)
+    chosen = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:count]
+    return [records[i] for i in sorted(chosen.tolist())]
+
+
+@dataclass(frozen=True)
+class EncodedImageText:
+    """One image-text record as the model sees it.
+
+    Attributes:
+        ids: [L] token ids: the prompt with its image tokens, then the record's text.
+        prompt_tokens: how many of them belong to the prompt (the text starts there).
+        images: {processor output name: tensor with batch dimension 1}; tensors with one
+            entry per token (e.g. ``token_type_ids``) are [1, L].
+    """
+
+    ids: torch.Tensor
+    prompt_tokens: int
+    images: dict[str, torch.Tensor]
+
+
+def prompt_text(processor: Any, prompt: str) -> str:
+    """The text before a record's own text: the processor's chat template on a user turn of
+    the image and ``prompt`` with the assistant turn opened, or without a template the image
+    token, the prompt and a newline.
+
+    Raises:
+        UnsupportedModelError: the processor has neither a chat template nor an image token.
+    """
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    token = getattr(processor, "image_token", None)
+    if token is None:
+        raise UnsupportedModelError(f"{type(processor).__name__} has neither a chat template "
+                                    "nor an image token; image-text data needs one")
+    return f"{token}{prompt}\n"
+
+
+def encode_image_text(processor: Any, record: dict[str, Any]) -> EncodedImageText:
+    """Runs one record through the model's processor (see :func:`prompt_text`).
+
+    Raises:
+        CalibrationError: the image cannot be read.
+        UnsupportedModelError: see :func:`prompt_text`.
+    """
+    image = open_image(Path(record["image"]))
+    prefix = prompt_text(processor, record.get("prompt") or DEFAULT_PROMPT)
+    whole = processor(text=[prefix + record["text"]], images=[[image]], return_tensors="pt")
+    head = processor(text=[prefix], images=[[image]], return_tensors="pt")
+    ids = whole.pop("input_ids")[0]
+    whole.pop("attention_mask", None)
+    return EncodedImageText(ids, head["input_ids"].shape[1], dict(whole))
+
+
+def image_text_calibration(processor: Any, records: list[dict[str, Any]],
+                           windows: torch.Tensor) -> Calibration:
+    """Lays image-text records over the starts of text windows [N, L].
+
+    Sample i < ``len(records)`` is record i as the model sees it
+    (:func:`encode_image_text`), the end-of-sequence token, then the start of window i up
+    to L tokens; the other windows stay text only. The calibration keeps its N samples of L
+    tokens, without padding. An image sample's prompt with its image tokens is not
+    predicted; the text after it is.
+
+    Raises:
+        CalibrationError: no records, more records than windows, a record of L tokens or
+            more, or an unreadable image.
+    """
+    count, seqlen = windows.shape
+    if not records:
+        raise CalibrationError("no image-text records to calibrate on")
+    if len(records) > count:
+        raise CalibrationError(f"{len(records)} image samples for {count} calibration samples: "
+                               "each image sample takes the place of the start of a text "
+                               "window; use more samples or fewer images")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids, labels, images = windows.clone(), windows.clone(), [None] * count
+    for number, record in enumerate(records):
+        sample = encode_image_text(processor, record)
+        head = torch.cat([sample.ids, torch.tensor(eos, dtype=torch.long)])
+        if head.numel() >= seqlen:
+            raise CalibrationError(
+                f"image sample {number} ({record['image']}) has {head.numel()} tokens with its "
+                f"prompt, image and text; --seqlen must be more than that")
+        ids[number] = torch.cat([head, windows[number, : seqlen - head.numel()]])
+        labels[number] = ids[number]
+        labels[number, : sample.prompt_tokens] = IGNORE
+        images[number] = {key: _pad_tokens(value, sample.ids.numel(), seqlen)
+                          for key, value in sample.images.items()}
+    return Calibration(ids, labels, tuple(images))
+
+
+def _pad_tokens(value: torch.Tensor, length: int, seqlen: int) -> torch.Tensor:
+    """Pads a per-token tensor ([1, length]) with zeros to [1, seqlen]; others unchanged."""
+    if value.dim() == 2 and value.shape == (1, length):
+        return torch.nn.functional.pad(value, (0, seqlen - length))
+    return value
+
+
+def mixed_calibration(processor: Any, text: str, num_samples: int, seqlen: int, seed: int,
+                      images: str, image_samples: int) -> Calibration:
+    """``num_samples`` windows of ``text`` of ``seqlen`` tokens, the first ``image_samples``
+    of which start with a record of the image-text source ``images``
+    (:func:`image_text_source`, drawn by :func:`choose_records`; see
+    :func:`image_text_calibration`)."""
+    records = choose_records(image_text_source(images), image_samples, seed)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    windows = calibration_batch(tokenizer, text, num_samples, seqlen, seed)
+    logger.info("calibration: %d samples of %d tokens, %d of them with an image",
+                num_samples, seqlen, len(records))
+    return image_text_calibration(processor, records, windows)

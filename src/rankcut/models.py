@@ -17,15 +17,22 @@ logger = logging.getLogger(__name__)
 
 #: The name ``--model`` takes for the bundled SmolLM2-135M-Instruct (the default).
 DEFAULT_MODEL = "smollm2"
+#: Model names of the offline test vision-language models -> their ``vlm_assets`` layout.
+TEST_VLMS = {"smollm2-llava": "llava", "smollm2-smolvlm": "smolvlm"}
 
 
 def resolve_model_source(source: str | Path | None) -> str:
     """Returns a loadable location for ``source``; ``None`` or ``"smollm2"`` is the bundled
-    model, fetched on first use (side effect: may download and convert the asset)."""
+    model and ``"smollm2-llava"`` / ``"smollm2-smolvlm"`` the offline test VLMs, built on
+    first use (side effect: may download and convert the assets)."""
     if source is None or str(source) == DEFAULT_MODEL:
         from .assets import ensure_smollm2
 
         return str(ensure_smollm2())
+    if str(source) in TEST_VLMS:
+        from .vlm_assets import ensure_test_vlm
+
+        return str(ensure_test_vlm(TEST_VLMS[str(source)]))
     return str(source)
 
 

@@ -32,6 +32,7 @@ from .allocation import (
     uniform_ranks,
 )
 from .blocks import accumulate_block_stats, capture_block_inputs, kwarg_sources, run_block
+from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .gradients import calibration_gradients, calibration_loss
 from .hooks import InputMomentHooks, OutputMetricHooks
@@ -140,7 +141,7 @@ class CompressionReport:
 def compress(
     model: nn.Module,
     config: MethodConfig,
-    calibration: torch.Tensor | None,
+    calibration: torch.Tensor | Calibration | None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     batch_size: int = 8,
@@ -159,8 +160,9 @@ def compress(
     Args:
         model: a causal LM (transformers ``PreTrainedModel``) in eval mode.
         config: the method and its settings.
-        calibration: [num_samples, seqlen] token ids; may be None for methods that need no
-            statistics.
+        calibration: [num_samples, seqlen] token ids, or a ``Calibration`` with image-text
+            samples (a vision-language model sees them whole; its language tower's statistics
+            cover the image tokens); may be None for methods that need no statistics.
         include: glob patterns of modules to compress (default: all decoder-block linears).
         exclude: glob patterns of modules to leave alone.
         batch_size: calibration samples per forward pass.
@@ -181,6 +183,7 @@ def compress(
         UnsupportedModelError: the model has no decoder blocks of nn.Linear layers.
     """
     targets = select_targets(model, include, exclude)
+    calibration = None if calibration is None else as_calibration(calibration)
     _check_inputs(model, config, targets, calibration, rank_map, update)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
@@ -461,8 +464,7 @@ def _block_groups(model, config, targets, calibration, batch_size):
         if outside:
             yield outside, {}
         return
-    inputs = capture_block_inputs(model, blocks, distributed.my_batches(calibration, batch_size),
-                                  batch_size)
+    inputs = capture_block_inputs(model, blocks, distributed.my_batches(calibration, batch_size))
     sources = kwarg_sources(model, len(blocks))
     for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
         names = by_block.get(index, [])

@@ -40,6 +40,7 @@ from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
 from .checkpoint import MARKER_SUFFIX, write_dir_atomically
+from .data import Calibration
 from .errors import CalibrationError, ConfigError, ModelLoadError, UnsupportedModelError
 from .evaluation import PerplexityResult, split_windows, summarize, window_nll
 from .hooks import InputMomentHooks
@@ -395,7 +396,7 @@ def compress_streaming(
     source: str | Path,
     output: str | Path,
     config: MethodConfig,
-    calibration: torch.Tensor | None,
+    calibration: torch.Tensor | Calibration | None,
     tokenizer=None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -426,9 +427,14 @@ def compress_streaming(
 
     Raises:
         ConfigError: a setting streaming does not support (correction stages, a
-            loss-aware int8 remap, FWSVD's per-sample Fisher).
+            loss-aware int8 remap, FWSVD's per-sample Fisher, image calibration).
         ModelLoadError, CalibrationError, UnsupportedModelError: as ``pipeline.compress``.
     """
+    if isinstance(calibration, Calibration):
+        if calibration.has_images:
+            raise ConfigError("image-text calibration is not supported with streaming; "
+                              "compress the vision-language model in memory")
+        calibration = calibration.input_ids
     sm = StreamedModel(source, dtype, device)
     output = Path(output)
     targets = select_targets(sm.model, include, exclude)
@@ -444,8 +450,8 @@ def compress_streaming(
     run = _StreamRun(sm, work, config, targets, batches, grad_batches)
     if config.allocation == "global" and calibration is not None:
         grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
-        run.idle_steps = distributed.idle_steps(min(grad_samples, calibration.shape[0]),
-                                                config.grad_batch_size)
+        run.idle_steps = distributed.idle_steps(
+            len(calibration[:grad_samples].split(config.grad_batch_size)))
     stored = True
     if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
         run.store_by_backward(scoring=rank_map is None)
@@ -479,10 +485,10 @@ def _calibration_batches(config: MethodConfig, calibration: torch.Tensor | None,
     if calibration is None or calibration.numel() == 0:
         return [], 0
     if config.allocation != "global":
-        return list(distributed.my_batches(calibration, batch_size).split(batch_size)), 0
+        return distributed.my_batches(calibration, batch_size), 0
     grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
     size = config.grad_batch_size
-    grad = list(distributed.my_batches(calibration[:grad_samples], size).split(size))
+    grad = distributed.my_batches(calibration[:grad_samples], size)
     rank, processes = distributed.world()
     rest = calibration[grad_samples:]
     rest = list(rest.split(size))[rank::processes] if len(rest) else []
@@ -540,7 +546,7 @@ class _StreamRun:
         self._kwargs = []
         with sm.parts(sm.outside(skip_head=True) + needed):
             for b, ids in enumerate(self.batches):
-                (hidden, kwargs), = capture_block_inputs(sm.model, sm.blocks, ids, len(ids))
+                (hidden, kwargs), = capture_block_inputs(sm.model, sm.blocks, [ids])
                 self._kwargs.append(kwargs)
                 if not work.done("capture"):
                     if not torch.isfinite(hidden).all():

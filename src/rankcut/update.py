@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import capture_block_inputs, kwarg_sources, run_block
+from .data import Calibration, as_calibration
 from .errors import ConfigError
 from .models import block_index, find_decoder_blocks
 from .modules import LowRankLinear
@@ -120,22 +121,30 @@ class UpdateReport:
 
 
 def apply_update(model: nn.Module, config: UpdateConfig, originals: dict[str, nn.Linear],
-                 calibration: torch.Tensor, batch_size: int = 8) -> UpdateReport:
+                 calibration: torch.Tensor | Calibration, batch_size: int = 8) -> UpdateReport:
     """Runs ``config``'s update on every ``LowRankLinear`` of ``model``, in place.
 
     Args:
         model: the compressed model.
         config: ``RefitConfig`` or ``LoRAUpdateConfig``.
         originals: {module name: the original dense layer} (refit's targets).
-        calibration: [num_samples, seqlen] token ids.
+        calibration: [num_samples, seqlen] token ids, or a ``Calibration`` (with images:
+            refit only).
         batch_size: samples per forward pass (refit).
+
+    Raises:
+        ConfigError: no calibration, or image samples for the LoRA update.
     """
     if calibration is None or calibration.numel() == 0:
         raise ConfigError(f"the {config.name} update needs calibration token ids")
+    calibration = as_calibration(calibration)
     if isinstance(config, RefitConfig):
         log = refit(model, originals, calibration, batch_size, config)
+    elif calibration.has_images:
+        raise ConfigError("the lora update trains on text only; drop --calib-images or use "
+                          "--update refit")
     else:
-        log = lora_update(model, calibration, config)
+        log = lora_update(model, calibration.input_ids, config)
     return UpdateReport(config.settings(), log)
 
 
@@ -220,7 +229,7 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
     return solution, before, after, base
 
 
-def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.Tensor,
+def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: Calibration,
           batch_size: int, config: RefitConfig) -> list[dict]:
     """Refits W_u of every factorized layer, block by block, in forward order. Mutates
     ``model``.
@@ -245,7 +254,7 @@ def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: torch.
     sources = kwarg_sources(model, len(blocks))
     log = []
     with torch.no_grad():
-        compressed = capture_block_inputs(model, blocks, calibration, batch_size)
+        compressed = capture_block_inputs(model, blocks, calibration.split(batch_size))
         original = compressed if config.target == "original" else None
         for index in tqdm(range(len(blocks)), desc="refit blocks", unit="block"):
             block, source, names = blocks[index], sources[index], by_block.get(index, [])

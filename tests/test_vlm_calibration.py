@@ -1,0 +1,260 @@
+"""Image-text calibration of a vision-language model: batches go through the whole model,
+the language tower's statistics and gradients see the image tokens, the loss counts only
+labelled tokens, and the caption perplexity scores a record's text given its image."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rankcut import checkpoint, methods, models, pipeline, update
+from rankcut.cli import main
+from rankcut.data import IGNORE, Calibration, as_calibration
+from rankcut.errors import CalibrationError, ConfigError
+from rankcut.gradients import calibration_loss
+
+from .conftest import VOCAB, word_text
+from .test_vlm import IMAGE_TOKEN, image_batch, tiny_vlm
+
+SEQLEN = 32
+
+
+def image_calibration(layout: str, texts: int = 4, images: int = 4, seed: int = 5
+                      ) -> Calibration:
+    """``texts`` random token windows, then ``images`` samples of an image (its tokens at
+    2.., unlabelled with the two tokens before them) followed by labelled text."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = 16 if layout == "llava" else 4
+    text = torch.randint(0, VOCAB - 1, (texts, SEQLEN), generator=generator)
+    ids = torch.randint(0, VOCAB - 1, (images, SEQLEN), generator=generator)
+    ids[:, 2:2 + tokens] = IMAGE_TOKEN
+    labels = ids.clone()
+    labels[:, :2 + tokens] = IGNORE
+    shape = (1, 3, 32, 32) if layout == "llava" else (1, 1, 3, 32, 32)
+    pixels = tuple({"pixel_values": torch.randn(shape, generator=generator)}
+                   for _ in range(images))
+    return Calibration.concat([text, Calibration(ids, labels, pixels)])
+
+
+def test_batches_never_mix_text_and_image_samples():
+    calib = image_calibration("llava", texts=5, images=4)
+    batches = calib.split(3)
+    assert [len(b) for b in batches] == [3, 2, 3, 1]
+    assert [b.has_images for b in batches] == [False, False, True, True]
+    assert set(batches[0].model_inputs("cpu")) == {"input_ids"}
+    inputs = batches[2].model_inputs("cpu", torch.bfloat16)
+    assert inputs["pixel_values"].shape == (3, 3, 32, 32)
+    assert inputs["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(inputs["input_ids"], calib.input_ids[5:8])
+    other = Calibration.concat([calib[5:7], image_calibration("smolvlm", texts=0, images=2)])
+    assert [len(b) for b in other.split(8)] == [2, 2]  # image tensors of another shape
+    plain = as_calibration(calib.input_ids[:5])
+    assert torch.equal(plain.labels, plain.input_ids) and plain.predicted == 5 * (SEQLEN - 1)
+    assert calib.predicted == 5 * (SEQLEN - 1) + 4 * (SEQLEN - 1 - 17)
+
+
+def test_loss_counts_only_labelled_tokens():
+    model = tiny_vlm("llava")
+    calib = image_calibration("llava", texts=0, images=3)
+    with torch.no_grad():
+        logits = model(**calib.model_inputs("cpu")).logits[:, :-1]
+    mask = calib.targets != IGNORE
+    expected = F.cross_entropy(logits[mask], calib.targets[mask])
+    assert calibration_loss(model, calib, batch_size=2) == pytest.approx(float(expected),
+                                                                         rel=1e-5)
+
+
+def _weight(model, name):
+    return model.get_submodule(name).to_dense().weight
+
+
+@pytest.mark.parametrize("layout", ["llava", "smolvlm"])
+@pytest.mark.parametrize("method", ["svd-llm", "zero-sum", "io-svd"])
+def test_images_reach_the_tower_statistics_and_only_the_tower_changes(tmp_path, layout,
+                                                                      method):
+    config = methods.make_config(method, ratio=0.3)
+    calib = image_calibration(layout)
+    runs = {}
+    for key, pixels_seed in (("images", 5), ("other images", 6)):
+        model = tiny_vlm(layout)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        changed = image_calibration(layout, seed=pixels_seed)
+        calib_run = Calibration(calib.input_ids, calib.labels, changed.images)
+        report = pipeline.compress(model, config, calib_run, batch_size=3)
+        runs[key] = (model, report)
+    model, report = runs["images"]
+    prefix, _ = models.find_decoder_blocks(model)
+    assert all(name.startswith(prefix + ".") for name in report.rank_map)
+    after = model.state_dict()
+    for key, value in before.items():
+        if not key.startswith(prefix + "."):
+            assert torch.equal(after[key], value), key
+    name = f"{prefix}.0.mlp.down_proj"
+    factored = [n for n, r in report.rank_map.items() if r is not None]
+    name = name if name in factored else factored[0]
+    # the same ids with other pixels give other statistics: the images reach the tower
+    assert not torch.allclose(_weight(model, name), _weight(runs["other images"][0], name))
+    batch = image_batch(model, layout)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    checkpoint.save_pretrained(model, tmp_path / "vlm")
+    with torch.no_grad():
+        assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
+
+
+def test_refit_runs_on_images_and_lora_refuses_them():
+    calib = image_calibration("llava")
+    model = tiny_vlm("llava")
+    report = pipeline.compress(model, methods.make_config("svd-llm", ratio=0.3), calib,
+                               batch_size=4, update=update.make_update("refit"))
+    assert report.update.log and all(entry["error_after"] <= entry["error_before"] + 1e-9
+                                     for entry in report.update.log)
+    with pytest.raises(ConfigError, match="lora update trains on text only"):
+        pipeline.compress(tiny_vlm("llava"), methods.make_config("svd", ratio=0.3), calib,
+                          update=update.make_update("lora"))
+
+
+def test_streaming_refuses_image_calibration(tmp_path):
+    from rankcut import streaming
+
+    tiny_vlm("llava").save_pretrained(tmp_path / "vlm")
+    with pytest.raises(ConfigError, match="not supported with streaming"):
+        streaming.compress_streaming(tmp_path / "vlm", tmp_path / "out",
+                                     methods.make_config("svd-llm", ratio=0.3),
+                                     image_calibration("llava"))
+
+
+def test_image_options_need_a_vision_language_model(model_dir, tmp_path, capsys):
+    (tmp_path / "calib.txt").write_text(word_text(4000))
+    common = ["compress", "--model", str(model_dir), "--calib-file", str(tmp_path / "calib.txt"),
+              "--num-samples", "2", "--seqlen", "16", "--output", str(tmp_path / "o")]
+    assert main([*common, "--calib-images", "captions", "--no-eval"]) == 2
+    assert "--calib-images needs a vision-language model" in capsys.readouterr().err
+    assert main([*common, "--stream", "--calib-images", "captions"]) == 2
+    assert "not supported with --stream" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--eval-images", "captions"]) == 2
+    assert "--eval-images needs a vision-language model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def llava_processor():
+    from transformers import AutoProcessor
+
+    from rankcut import vlm_assets
+
+    return AutoProcessor.from_pretrained(vlm_assets.ensure_test_vlm("llava"))
+
+
+def test_image_samples_are_record_eos_then_their_window(llava_processor):
+    from rankcut import data, image_data
+
+    records = image_data.image_text_samples("captions", limit=3)
+    text = data.load_text("wiki")
+    tokenizer = llava_processor.tokenizer
+    windows = data.calibration_batch(tokenizer, text, 5, 128, 3)
+    calib = image_data.mixed_calibration(llava_processor, text, 5, 128, 3, "captions", 3)
+    assert calib.shape == (5, 128)
+    assert [image is not None for image in calib.images] == [True] * 3 + [False] * 2
+    assert torch.equal(calib.input_ids[3:], windows[3:])
+    assert torch.equal(calib.labels[3:], windows[3:])
+    chosen = image_data.choose_records(image_data.image_text_samples("captions"), 3, 3)
+    for row, record in enumerate(chosen):
+        sample = image_data.encode_image_text(llava_processor, record)
+        n = sample.ids.numel()
+        assert (sample.ids == llava_processor.image_token_id).sum() == 16
+        assert torch.equal(calib.input_ids[row, :n], sample.ids)
+        assert calib.input_ids[row, n] == tokenizer.eos_token_id
+        assert torch.equal(calib.input_ids[row, n + 1:], windows[row, :128 - n - 1])
+        assert (calib.labels[row, :sample.prompt_tokens] == IGNORE).all()
+        assert torch.equal(calib.labels[row, sample.prompt_tokens:],
+                           calib.input_ids[row, sample.prompt_tokens:])
+        caption = tokenizer.decode(sample.ids[sample.prompt_tokens:])
+        assert caption.strip() == record["text"].strip()
+        assert calib.images[row]["pixel_values"].shape == (1, 3, 64, 64)
+    with pytest.raises(CalibrationError, match="--seqlen must be more than"):
+        image_data.image_text_calibration(llava_processor, records, windows[:, :40])
+    with pytest.raises(CalibrationError, match="3 image samples for 2 calibration samples"):
+        image_data.image_text_calibration(llava_processor, records, windows[:2])
+    with pytest.raises(CalibrationError, match="image-text source not found"):
+        image_data.image_text_source("no/such/folder")
+
+
+def test_choose_records_is_seeded_and_keeps_file_order():
+    from rankcut.image_data import choose_records
+
+    records = [{"n": i} for i in range(10)]
+    picked = choose_records(records, 4, seed=1)
+    assert picked == choose_records(records, 4, seed=1) and len(picked) == 4
+    assert [r["n"] for r in picked] == sorted(r["n"] for r in picked)
+    assert choose_records(records, 20, seed=1) == records
+    with pytest.raises(CalibrationError, match="at least 1"):
+        choose_records(records, 0, seed=1)
+
+
+def test_caption_perplexity_scores_the_text_given_the_image(llava_processor):
+    from transformers import AutoModelForImageTextToText
+
+    from rankcut import image_data, vlm_assets
+    from rankcut.evaluation import caption_perplexity
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_assets.ensure_test_vlm("llava"))
+    records = image_data.image_text_samples("captions", limit=2)
+    nll, tokens = 0.0, 0
+    for record in records:
+        sample = image_data.encode_image_text(llava_processor, record)
+        with torch.no_grad():
+            logits = model(input_ids=sample.ids[None], **sample.images).logits[0]
+        start = sample.prompt_tokens
+        nll += float(F.cross_entropy(logits[start - 1:-1], sample.ids[start:], reduction="sum"))
+        tokens += sample.ids.numel() - start
+    result = caption_perplexity(model, llava_processor, records)
+    assert result.tokens == tokens
+    assert result.perplexity == pytest.approx(float(torch.tensor(nll / tokens).exp()), rel=1e-5)
+    other = [dict(record, image=records[1 - i]["image"]) for i, record in enumerate(records)]
+    assert caption_perplexity(model, llava_processor, other).perplexity != result.perplexity
+    with pytest.raises(CalibrationError, match="no image-text record has any text"):
+        caption_perplexity(model, llava_processor, [dict(records[0], text="")])
+
+
+@pytest.mark.slow
+def test_cli_io_svd_with_image_calibration_on_both_test_vlms(tmp_path):
+    """The issue's acceptance run: io-svd at 0.2 with --calib-images on both layouts; only
+    the tower's modules change, a plain transformers reload reproduces the caption
+    perplexity exactly, and the text perplexity is within 2% of compressing the plain
+    SmolLM2 with the same text windows (same method, ratio, seed)."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import rankcut  # noqa: F401  (registers the quantizer for the plain reload)
+    from rankcut import image_data, vlm_assets
+    from rankcut.evaluation import caption_perplexity
+
+    common = ["--method", "io-svd", "--ratio", "0.2", "--num-samples", "16", "--seqlen", "256",
+              "--seed", "3", "--eval-seqlen", "512", "--max-windows", "8", "--device", "cpu"]
+    images = ["--calib-images", "captions", "--image-samples", "4", "--eval-images", "captions"]
+    figures = {}
+    for model in ("smollm2", "smollm2-llava", "smollm2-smolvlm"):
+        extra = images if model != "smollm2" else []
+        assert main(["compress", "--model", model, *common, *extra, "--output",
+                     str(tmp_path / model), "--json", str(tmp_path / f"{model}.json")]) == 0
+        figures[model] = json.loads((tmp_path / f"{model}.json").read_text())
+    records = image_data.image_text_source("captions")
+    for layout in ("llava", "smolvlm"):
+        model, out = f"smollm2-{layout}", tmp_path / f"smollm2-{layout}"
+        assert figures[model]["perplexity"] == pytest.approx(figures["smollm2"]["perplexity"],
+                                                             rel=0.02)
+        source = AutoModelForImageTextToText.from_pretrained(vlm_assets.ensure_test_vlm(layout))
+        reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+        ranks = json.loads((out / "rank_map.json").read_text())
+        tower = models.language_tower(tiny_vlm(layout))[0]
+        assert all(name.startswith(f"{tower}.layers.") for name in ranks)
+        factored = {f"{name}.weight" for name, rank in ranks.items() if rank is not None}
+        written = reloaded.state_dict()
+        for key, value in source.state_dict().items():
+            if key not in factored:
+                assert torch.equal(written[key], value), key
+        processor = AutoProcessor.from_pretrained(out)
+        assert (caption_perplexity(reloaded, processor, records).perplexity
+                == figures[model]["caption_perplexity"])
+        assert figures[model]["dense_caption_perplexity"] < figures[model]["caption_perplexity"]
