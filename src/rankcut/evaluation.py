@@ -123,25 +123,21 @@ def caption_perplexity(model: nn.Module, processor: Any, records: list[dict[str,
     Raises:
         CalibrationError: no record has any text, or an image cannot be read.
     """
+    from .data import IGNORE
     from .image_data import encode_image_text
 
     parameter = next(model.parameters())
     nll, tokens = [], 0
     with torch.no_grad():
         for record in tqdm(records, desc="caption perplexity", unit="image"):
-            sample = encode_image_text(processor, record)
-            start = sample.prompt_tokens
-            if sample.ids.numel() <= start:
+            sample = encode_image_text(processor, record).as_calibration()
+            if sample.predicted == 0:
                 continue
-            inputs = {key: value.to(parameter.device, parameter.dtype)
-                      if value.is_floating_point() else value.to(parameter.device)
-                      for key, value in sample.images.items()}
-            logits = model(input_ids=sample.ids[None].to(parameter.device), **inputs,
-                           use_cache=False).logits[0, start - 1:-1]
-            nll.append(float(F.cross_entropy(logits.float(),
-                                             sample.ids[start:].to(parameter.device),
-                                             reduction="sum")))
-            tokens += sample.ids.numel() - start
+            inputs = sample.model_inputs(parameter.device, parameter.dtype)
+            logits = model(**inputs, use_cache=False).logits[0, :-1]
+            nll.append(float(F.cross_entropy(logits.float(), sample.targets[0].to(logits.device),
+                                             ignore_index=IGNORE, reduction="sum")))
+            tokens += sample.predicted
     if not nll:
         raise CalibrationError("no image-text record has any text to score")
     return summarize(nll, tokens=tokens)

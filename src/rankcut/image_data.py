@@ -326,6 +326,12 @@ class EncodedImageText:
     prompt_tokens: int
     images: dict[str, torch.Tensor]
 
+    def as_calibration(self) -> Calibration:
+        """This record as a one-sample ``Calibration`` whose prompt is not predicted."""
+        labels = self.ids.clone()
+        labels[: self.prompt_tokens] = IGNORE
+        return Calibration(self.ids[None], labels[None], (self.images,))
+
 
 def prompt_text(processor: Any, prompt: str) -> str:
     """The text before a record's own text: the processor's chat template on a user turn of
