@@ -62,6 +62,41 @@ def test_language_tower_is_found_and_targeted_alone(layout, tower):
     assert len(targets) == 14 and all(n.startswith(prefix + ".") for n in targets)
 
 
+def _tiny_qwen2_vl_or_gemma3(layout: str) -> nn.Module:
+    """A tiny Qwen2-VL or Gemma 3 VLM (vision tower of 3 blocks, language tower of 2)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)
+    if layout == "qwen2-vl":
+        vision = dict(depth=3, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text,
+                                                             vision_config=vision))
+    config = Gemma3Config(text_config=dict(text, head_dim=8),
+                          vision_config=SiglipVisionConfig(**VISION).to_dict(),
+                          mm_tokens_per_image=4)
+    return Gemma3ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("layout", ["qwen2-vl", "gemma3"])
+def test_language_tower_of_qwen2_vl_and_gemma3_layouts(layout):
+    model = _tiny_qwen2_vl_or_gemma3(layout)
+    assert models.is_vision_language(model)
+    assert models.language_tower(model)[0] == "model.language_model"
+    prefix, blocks = models.find_decoder_blocks(model)
+    assert prefix == "model.language_model.layers" and len(blocks) == 2
+    targets = models.select_targets(model)
+    assert len(targets) == 14 and all(n.startswith(prefix + ".") for n in targets)
+
+
 class _Unknown(nn.Module):
     """A made-up VLM: a vision config, the language model under an unknown name."""
 
