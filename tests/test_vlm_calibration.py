@@ -101,6 +101,45 @@ def test_images_reach_the_tower_statistics_and_only_the_tower_changes(tmp_path, 
         assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
 
 
+@pytest.mark.parametrize("method", ["svd-llm", "svd-llm-v2", "zero-sum", "io-svd"])
+def test_include_adds_the_projector_with_image_statistics(tmp_path, method):
+    """--include can add modules outside the decoder blocks (LLaVA's projector): their
+    input statistics come from whole-model passes, so the pixels change their factors."""
+    tower = "model.language_model.layers"
+    include = [f"{tower}.*", "model.multi_modal_projector.*"]
+    config = methods.make_config(method, ratio=0.3)
+    calib, models_by_seed = image_calibration("llava"), {}
+    for seed in (5, 6):
+        model = tiny_vlm("llava")
+        pixels = image_calibration("llava", seed=seed).images
+        report = pipeline.compress(model, config, Calibration(calib.input_ids, calib.labels,
+                                                              pixels),
+                                   include=include, batch_size=3)
+        models_by_seed[seed] = model, report.rank_map
+        projector = [n for n in report.rank_map if n.startswith("model.multi_modal_projector")]
+        assert projector == ["model.multi_modal_projector.linear_1",
+                             "model.multi_modal_projector.linear_2"]
+    (model, ranks), (other, other_ranks) = models_by_seed[5], models_by_seed[6]
+    cut = [n for n in projector if ranks[n] is not None and other_ranks[n] is not None]
+    assert cut, "neither run factorized a projector layer"
+    for name in cut:
+        assert not torch.allclose(_weight(model, name), _weight(other, name))
+    batch = image_batch(model, "llava")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    checkpoint.save_pretrained(model, tmp_path / "vlm")
+    with torch.no_grad():
+        assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
+
+
+def test_a_vision_module_without_image_samples_is_a_clear_error():
+    text_only = image_calibration("llava", texts=4, images=0)
+    with pytest.raises(CalibrationError, match="no calibration sample reaches "
+                                               "model.multi_modal_projector.linear_1"):
+        pipeline.compress(tiny_vlm("llava"), methods.make_config("svd-llm", ratio=0.3),
+                          text_only, include=["model.multi_modal_projector.*"])
+
+
 def test_refit_runs_on_images_and_lora_refuses_them():
     calib = image_calibration("llava")
     model = tiny_vlm("llava")

@@ -166,6 +166,8 @@ def calibration_gradients(
             if not weight_grads:
                 continue
             for name, layer in layers.items():
+                if layer.weight.grad is None:  # not reached by this batch (a vision layer)
+                    continue
                 grad = layer.weight.grad.float().cpu()
                 sums[name] += grad
                 if fisher_rows is not None:

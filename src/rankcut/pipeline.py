@@ -210,14 +210,8 @@ def _check_inputs(model, config, targets, calibration, rank_map, update) -> None
                           "(without torchrun)")
     if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
         raise CalibrationError(f"method {config.name!r} needs calibration token ids")
-    if config.needs_input_stats:
-        if calibration is None or calibration.numel() == 0:
-            raise CalibrationError(f"method {config.name!r} needs calibration token ids")
-        prefix, blocks = find_decoder_blocks(model)
-        outside = [n for n in targets if block_index(n, prefix) is None]
-        if outside:
-            raise ConfigError(f"{outside[0]} is outside the decoder blocks; {config.name} "
-                              "can only compress block layers")
+    if config.needs_input_stats and (calibration is None or calibration.numel() == 0):
+        raise CalibrationError(f"method {config.name!r} needs calibration token ids")
     if rank_map is not None and set(rank_map) != set(targets):
         missing = sorted(set(targets) - set(rank_map))[:3]
         extra = sorted(set(rank_map) - set(targets))[:3]
@@ -457,13 +451,16 @@ def _block_groups(model, config, targets, calibration, batch_size):
     """
     prefix, blocks = find_decoder_blocks(model)
     by_block = _group_by_block(targets, prefix, len(blocks))
+    outside = [n for n in targets if block_index(n, prefix) is None]
     if not config.needs_input_stats:
         for index in tqdm(sorted(by_block), desc=f"{config.name} blocks", unit="block"):
             yield by_block[index], {}
-        outside = [n for n in targets if block_index(n, prefix) is None]
         if outside:
             yield outside, {}
         return
+    if outside:
+        yield outside, _whole_model_stats(model, {n: targets[n] for n in outside}, calibration,
+                                          batch_size)
     inputs = capture_block_inputs(model, blocks, distributed.my_batches(calibration, batch_size))
     sources = kwarg_sources(model, len(blocks))
     for index in tqdm(range(len(blocks)), desc=f"{config.name} blocks", unit="block"):
@@ -473,6 +470,30 @@ def _block_groups(model, config, targets, calibration, batch_size):
         distributed.sum_moments(stats)
         yield names, stats
         inputs = run_block(block, inputs, source) if config.sequential and names else outputs
+
+
+def _whole_model_stats(model: nn.Module, layers: dict[str, nn.Linear],
+                       calibration: Calibration, batch_size: int) -> dict:
+    """Input statistics of target layers outside the decoder blocks (a VLM's projector or
+    vision tower, the LM head) from whole-model forward passes over this rank's batches,
+    summed over ranks. They run before the blocks are compressed, so the blocks then see
+    the compressed projector's outputs; an LM head sees the original blocks' outputs.
+
+    Raises:
+        CalibrationError: no calibration sample reaches one of the layers (e.g. a vision
+            layer without image samples), or its inputs are not finite.
+    """
+    parameter = next(model.parameters())
+    with InputMomentHooks(layers) as hooks, torch.no_grad():
+        for batch in distributed.my_batches(calibration, batch_size):
+            hooks.new_batch()
+            model(**batch.model_inputs(parameter.device, parameter.dtype), use_cache=False)
+    distributed.sum_moments(hooks.stats)
+    unseen = [name for name, stat in hooks.stats.items() if stat.count == 0]
+    if unseen:
+        raise CalibrationError(f"no calibration sample reaches {unseen[0]}; a vision-side "
+                               "module needs image samples (--calib-images)")
+    return hooks.stats
 
 
 def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> dict[int, list]:
