@@ -132,12 +132,29 @@ def test_include_adds_the_projector_with_image_statistics(tmp_path, method):
         assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
 
 
+@pytest.mark.parametrize("method", ["zero-sum", "io-svd"])
+def test_gradient_methods_on_vision_tower_layers(method):
+    """Text-only batches do not run the vision tower: no loss gradient and no kept output
+    reaches its layers there, and those batches are skipped for them."""
+    include = ["model.vision_tower.encoder.layers.[01].*"]
+    model = tiny_vlm("llava")
+    report = pipeline.compress(model, methods.make_config(method, ratio=0.3),
+                               image_calibration("llava"), include=include, batch_size=3)
+    assert len(report.rank_map) == 12 and any(r is not None for r in report.rank_map.values())
+    assert all(n.startswith("model.vision_tower.encoder.layers.") for n in report.rank_map)
+    with torch.no_grad():
+        assert torch.isfinite(model(**image_batch(model, "llava")).logits).all()
+
+
 def test_a_vision_module_without_image_samples_is_a_clear_error():
     text_only = image_calibration("llava", texts=4, images=0)
     with pytest.raises(CalibrationError, match="no calibration sample reaches "
                                                "model.multi_modal_projector.linear_1"):
         pipeline.compress(tiny_vlm("llava"), methods.make_config("svd-llm", ratio=0.3),
                           text_only, include=["model.multi_modal_projector.*"])
+    with pytest.raises(CalibrationError, match="vision_tower.head.* --exclude"):
+        pipeline.compress(tiny_vlm("llava"), methods.make_config("svd-llm", ratio=0.3),
+                          image_calibration("llava"), include=["model.vision_tower.*"])
 
 
 def test_refit_runs_on_images_and_lora_refuses_them():

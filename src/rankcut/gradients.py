@@ -156,7 +156,7 @@ def calibration_gradients(
             for hooks in (input_hooks, output_hooks):
                 if hooks is not None:
                     hooks.active = False
-            if weight_grads:
+            if weight_grads and loss.requires_grad:  # False: no target ran on this batch
                 loss.backward(retain_graph=output_hooks is not None)
             if output_hooks is not None:
                 output_hooks.accumulate(logits, batch.targets != IGNORE)

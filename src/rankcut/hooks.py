@@ -135,6 +135,8 @@ class OutputMetricHooks:
         try:
             seeds = fisher.kl_seeds(logits, self.top_k, self.mode, draw=self._draw)
             for k, seed in enumerate(seeds):
+                if not outputs:  # no kept layer ran on this batch (the draws still advance)
+                    continue
                 if predicted is not None:
                     seed = seed * predicted.to(seed.device, seed.dtype)[..., None]
                 grads = torch.autograd.grad(logits, outputs, seed.to(logits.dtype),

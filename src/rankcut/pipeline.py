@@ -491,8 +491,10 @@ def _whole_model_stats(model: nn.Module, layers: dict[str, nn.Linear],
     distributed.sum_moments(hooks.stats)
     unseen = [name for name, stat in hooks.stats.items() if stat.count == 0]
     if unseen:
-        raise CalibrationError(f"no calibration sample reaches {unseen[0]}; a vision-side "
-                               "module needs image samples (--calib-images)")
+        raise CalibrationError(f"no calibration sample reaches {unseen[0]}: a vision-side "
+                               "module needs image samples (--calib-images), and a module "
+                               "the model never runs (e.g. an unused pooling head) must be "
+                               "left out with --exclude")
     return hooks.stats
 
 
