@@ -101,7 +101,8 @@ def test_images_reach_the_tower_statistics_and_only_the_tower_changes(tmp_path, 
         assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
 
 
-@pytest.mark.parametrize("method", ["svd-llm", "svd-llm-v2", "zero-sum", "io-svd"])
+@pytest.mark.parametrize("method", ["asvd", "fwsvd", "svd-llm", "svd-llm-v2", "zero-sum",
+                                    "io-svd"])
 def test_include_adds_the_projector_with_image_statistics(tmp_path, method):
     """--include can add modules outside the decoder blocks (LLaVA's projector): their
     input statistics come from whole-model passes, so the pixels change their factors."""
