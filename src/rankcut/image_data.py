@@ -41,6 +41,7 @@ from rankcut.assets import (
 )
 from rankcut.data import IGNORE, Calibration, calibration_batch
 from rankcut.errors import AssetError, CalibrationError, UnsupportedModelError
+from rankcut.models import text_tokenizer
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -388,7 +389,7 @@ def image_text_calibration(processor: Any, records: list[dict[str, Any]],
         raise CalibrationError(f"{len(records)} image samples for {count} calibration samples: "
                                "each image sample takes the place of the start of a text "
                                "window; use more samples or fewer images")
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = text_tokenizer(processor)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids, labels, images = windows.clone(), windows.clone(), [None] * count
     for number, record in enumerate(records):
@@ -420,7 +421,7 @@ def mixed_calibration(processor: Any, text: str, num_samples: int, seqlen: int, 
     (:func:`image_text_source`, drawn by :func:`choose_records`; see
     :func:`image_text_calibration`)."""
     records = choose_records(image_text_source(images), image_samples, seed)
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = text_tokenizer(processor)
     windows = calibration_batch(tokenizer, text, num_samples, seqlen, seed)
     logger.info("calibration: %d samples of %d tokens, %d of them with an image",
                 num_samples, seqlen, len(records))
