@@ -234,6 +234,8 @@ def test_image_samples_are_record_eos_then_their_window(llava_processor):
         image_data.image_text_calibration(llava_processor, records, windows[:2])
     with pytest.raises(CalibrationError, match="image-text source not found"):
         image_data.image_text_source("no/such/folder")
+    with pytest.raises(CalibrationError, match="no image-text records to calibrate on"):
+        image_data.image_text_calibration(llava_processor, [], windows)
 
 
 def test_choose_records_is_seeded_and_keeps_file_order():
