@@ -283,12 +283,13 @@ def _hooked(model: nn.Module, names: list[str], make_hook):
 
 def _shared_input_groups(block, names: list[str], model, batch, source) -> list[list[str]]:
     """Runs ``block`` on one batch and groups ``names`` in call order by shared input
-    tensor (q/k/v together, gate/up together)."""
-    order: list[tuple[str, int]] = []
+    tensor (q/k/v together, gate/up together). The tensors are kept until grouped: an id
+    alone could be reused by a later input once the earlier tensor is freed."""
+    order: list[tuple[str, torch.Tensor]] = []
 
     def hook(name):
         def record(module, args, output):
-            order.append((name, id(args[0])))
+            order.append((name, args[0]))
         return record
 
     handles = _hooked(model, names, hook)
@@ -298,8 +299,8 @@ def _shared_input_groups(block, names: list[str], model, batch, source) -> list[
         for handle in handles:
             handle.remove()
     groups: list[list[str]] = []
-    for position, (name, key) in enumerate(order):
-        if position and key == order[position - 1][1]:
+    for position, (name, tensor) in enumerate(order):
+        if position and tensor is order[position - 1][1]:
             groups[-1].append(name)
         else:
             groups.append([name])
