@@ -5,7 +5,8 @@
 # GPU is present: a CPU wheel pip already has locally, else the PyTorch CPU index), rankcut
 # with its dev extras, and fetches the offline assets. It also installs the Debian `chromium`
 # package (needed by the report tests) when no chromium binary is on PATH and it runs as root
-# or with password-less sudo.
+# or with password-less sudo. Every Python package is installed at the version pinned in
+# constraints.txt (what CI tested); `make lock` regenerates that file.
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,11 +16,13 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench assets browser clean
+.PHONY: setup run test lint bench assets browser clean lock
 
 setup: $(STAMP) assets browser
 
-$(STAMP): pyproject.toml
+CONSTRAINTS := constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "$(TORCH_SPEC)"; \
@@ -27,7 +30,7 @@ $(STAMP): pyproject.toml
 	    echo "torch: installed a local CPU wheel (pip find-links)"; \
 	  else $(PY) -m pip install --index-url $(TORCH_CPU_INDEX) "$(TORCH_SPEC)"; fi; \
 	fi
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 assets: $(STAMP)
@@ -61,6 +64,18 @@ lint: $(STAMP)
 
 bench: setup
 	$(PY) benchmarks/quality.py
+
+# Re-pin constraints.txt: a throw-away venv gets torch $(TORCH_SPEC) (CPU) and the newest versions
+# pyproject.toml admits; its `pip freeze` (torch without its +cpu label) becomes the new pins.
+# Run `make test` afterwards and commit constraints.txt with the result.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null || \
+	  .lock-venv/bin/python -m pip install --index-url $(TORCH_CPU_INDEX) "$(TORCH_SPEC)"
+	.lock-venv/bin/python -m pip install -e ".[dev]"
+	{ sed -n '1,3p' $(CONSTRAINTS); .lock-venv/bin/python -m pip freeze --exclude-editable | \
+	  sed -E 's/^torch==([^+]*)\+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) rankcut-out

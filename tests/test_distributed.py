@@ -281,7 +281,9 @@ def test_cli_stream_under_torchrun_matches_one_process(model_dir, calib_file, tm
                 for d in ("two", "one"))
     assert two["processes"] == 2 and two["streamed"]
     assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
-    assert two["dense_perplexity"] == pytest.approx(one["dense_perplexity"], rel=1e-6)
+    # streamed (1 thread) vs in-memory (default threads) evaluation of the same dense model:
+    # float32 rounding only, ~1e-6 relative on the perplexity; 1e-5 leaves 10x
+    assert two["dense_perplexity"] == pytest.approx(one["dense_perplexity"], rel=1e-5)
     rank_maps = [json.loads((tmp_path / d / "rank_map.json").read_text()) for d in ("two", "one")]
     assert rank_maps[0] == rank_maps[1]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

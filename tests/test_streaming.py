@@ -103,7 +103,10 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, calib_ids):
                           (tmp_path / "out", checkpoint.from_pretrained(tmp_path / "out"))]:
         streamed = streaming.streamed_perplexity(folder, ids, seqlen=32, max_windows=4)
         expected = evaluation.evaluate(model.eval(), ids, seqlen=32, max_windows=4)
-        assert streamed.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
+        # Streamed and in-memory evaluation run other batch shapes through the blocks, so
+        # float32 rounding differs: a few ulps (~5e-7 each) of a mean NLL of ~4.5 nats move
+        # the perplexity by ~1e-6 relative; 1e-5 leaves 10x, far below any real difference.
+        assert streamed.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
         assert streamed.tokens == expected.tokens == 4 * 31
 
 
@@ -194,7 +197,9 @@ def test_cli_stream_matches_in_memory_run(tmp_path, calib_file):
     a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
     assert b["streamed"] and not a["streamed"]
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
-    assert b["dense_perplexity"] == pytest.approx(a["dense_perplexity"], rel=1e-6)
+    # streamed vs in-memory evaluation of the same dense model: float32 rounding (see
+    # test_streamed_perplexity_equals_in_memory)
+    assert b["dense_perplexity"] == pytest.approx(a["dense_perplexity"], rel=1e-5)
     assert b["achieved_ratio"] == a["achieved_ratio"]
     assert b["model_bytes"] < b["model_bytes_dense"]
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")

@@ -33,15 +33,25 @@ def _padded_batch():
 def test_latent_cache_generates_the_same_tokens(kind, calib_ids):
     model = _compressed(kind, calib_ids)
     ids, mask = _padded_batch()
-    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                    output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-        tokens = model.generate(ids, **settings)
+        plain = model.generate(ids, **settings)
+    tokens = plain.sequences
+    # The two paths agree on logits within 1e-5 (below), so greedy tokens must agree up to the
+    # first step whose best token leads the runner-up by less than 1e-4 (a near-tie that float
+    # rounding may break either way); tokens are compared up to there.
+    top2 = torch.stack(plain.scores).topk(2, dim=-1).values  # [steps, batch, 2]
+    clear = ((top2[..., 0] - top2[..., 1]) > 1e-4).all(dim=1).tolist()
+    steps = clear.index(False) if False in clear else len(clear)
+    assert steps >= 6, f"near-ties from step {steps}: pick another prompt"
+    compared = ids.shape[1] + steps
     assert enable_latent_values(model) == model.config.num_hidden_layers
     with torch.no_grad():
         latent_logits = model(input_ids=ids, attention_mask=mask).logits
-        latent_tokens = model.generate(ids, **settings)
-    assert torch.equal(latent_tokens, tokens)
+        latent_tokens = model.generate(ids, **settings).sequences
+    assert torch.equal(latent_tokens[:, :compared], tokens[:, :compared])
     real = mask.bool()
     assert torch.allclose(latent_logits[real], logits[real], atol=1e-5)
 

@@ -193,7 +193,9 @@ def vlm(request):
 
 
 @pytest.mark.slow
-def test_language_tower_is_smollm2_and_text_logits_match_exactly(vlm, smollm2) -> None:
+def test_language_tower_is_smollm2_and_text_logits_match(vlm, smollm2) -> None:
+    """The embedding rows are SmolLM2's bit for bit (a copy); the logits come from two model
+    classes, so they are compared within the build's own float32 tolerance."""
     name, _, model, processor = vlm
     text_model, tokenizer = smollm2
     tower = getattr(model.model, LANGUAGE_TOWER[name])
@@ -208,7 +210,7 @@ def test_language_tower_is_smollm2_and_text_logits_match_exactly(vlm, smollm2) -
     with torch.no_grad():
         want, got = text_model(**ids).logits, model(**ids).logits
     assert got.shape[-1] == vocab
-    assert torch.equal(got[..., :49152], want)
+    assert vlm_assets.text_logits_mismatch(want, got[..., :49152]) <= vlm_assets.TEXT_LOGITS_RTOL
     assert processor.tokenizer("<image>")["input_ids"] == [model.config.image_token_id]
 
 
@@ -240,8 +242,15 @@ def test_image_and_text_through_the_processor_depend_on_the_image(vlm) -> None:
 
 @pytest.mark.slow
 def test_rebuild_is_byte_identical_to_the_cached_folder(vlm, tmp_path: Path) -> None:
+    """The rebuild runs with another thread count than this process's (1 if it has more,
+    else 2), so the bytes are shown not to depend on how the CPU splits reductions."""
     name, folder, _, _ = vlm
-    rebuilt = vlm_assets.build_test_vlm(name, tmp_path / name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        rebuilt = vlm_assets.build_test_vlm(name, tmp_path / name)
+    finally:
+        torch.set_num_threads(threads)
     files = sorted(p.name for p in folder.iterdir() if p.name != ".complete")
     assert files == sorted(p.name for p in rebuilt.iterdir())
     assert {"model.safetensors", "config.json", "processor_config.json",

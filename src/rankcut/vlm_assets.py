@@ -20,7 +20,9 @@ N(0, 1/fan_in), except the last projection into the text space, scaled so image 
 RMS of SmolLM2's token embeddings. The added tokens (``<image>``, and for SmolVLM its tile
 tokens) get rows appended after SmolLM2's 49,152: the mean SmolLM2 row plus small seeded noise,
 so they stay improbable as outputs. SmolLM2's rows are untouched and the head stays tied, so
-text-only logits on the original vocabulary equal SmolLM2's exactly; the build checks it.
+text-only logits on the original vocabulary are SmolLM2's up to float32 rounding (different
+model classes run them; the build checks them within :data:`TEXT_LOGITS_RTOL`). The build's
+reductions run in float64, so its bytes do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -127,7 +129,11 @@ def _state_dict(model, layout: VlmLayout, text_weights: dict, generator) -> dict
     import torch
 
     emb = text_weights["model.embed_tokens.weight"]
-    rms = emb.pow(2).mean().sqrt().item()
+    # Reductions in float64: a float32 sum's rounding depends on how the CPU splits it over
+    # threads, a float64 sum rounded back to float32 does not (its error is ~1e-16 relative),
+    # so the written bytes are the same whatever the thread count.
+    rms = emb.double().pow(2).mean().sqrt().item()
+    mean_row = emb.double().mean(0).to(emb.dtype)
     out = {}
     for key, meta in model.state_dict().items():
         if key == "lm_head.weight":  # tied to the input embeddings
@@ -137,7 +143,7 @@ def _state_dict(model, layout: VlmLayout, text_weights: dict, generator) -> dict
             if key.endswith("embed_tokens.weight"):
                 noise = torch.randn(meta.shape[0] - emb.shape[0], emb.shape[1],
                                     generator=generator)
-                weight = torch.cat([emb, emb.mean(0) + NEW_ROW_NOISE * rms * noise])
+                weight = torch.cat([emb, mean_row + NEW_ROW_NOISE * rms * noise])
             out[key] = weight
         elif key.endswith("bias"):
             out[key] = torch.zeros(meta.shape)
@@ -196,12 +202,29 @@ def build_test_vlm(name: str, out: Path, smollm2: Path | None = None) -> Path:
     return out
 
 
+#: How far the VLM's text-only logits may stray from SmolLM2's, relative to the largest
+#: |logit|. The two are different model classes: the same weights, but the VLM builds its
+#: embeddings, masks and positions through its own code, and the CPU's GEMM splits its sums
+#: by thread count, so float32 rounding (eps 1.2e-7) differs by a few ulps per op across 30
+#: blocks. Reported (issue 22): 3.05e-5 absolute on logits up to ~27 (about 1.1e-6 relative)
+#: with 2 threads on an AVX-512 Xeon, 0 with 1 thread; 0 either way on AMD EPYC. 1e-4 relative
+#: leaves ~90x headroom while any real mistake (a wrong or shifted weight row) moves logits by
+#: O(1).
+TEXT_LOGITS_RTOL = 1e-4
+
+
+def text_logits_mismatch(want, got) -> float:
+    """Return max |want - got| relative to max |want| (both float tensors of one shape)."""
+    return (want - got).abs().max().item() / max(want.abs().max().item(), 1e-30)
+
+
 def verify_test_vlm(folder: Path, smollm2: Path) -> None:
-    """Check that ``folder`` loads completely and matches SmolLM2 exactly on text.
+    """Check that ``folder`` loads completely and matches SmolLM2 on text.
 
     Raises:
         AssetError: Missing or unexpected weights on loading, or text-only logits on the first
-            49,152 vocabulary columns not bit-identical to SmolLM2's.
+            49,152 vocabulary columns further than :data:`TEXT_LOGITS_RTOL` (relative to the
+            largest logit) from SmolLM2's.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -215,9 +238,26 @@ def verify_test_vlm(folder: Path, smollm2: Path) -> None:
     ids = AutoTokenizer.from_pretrained(smollm2)(CHECK_PROMPT, return_tensors="pt")
     with torch.no_grad():
         want, got = text(**ids).logits, vlm(**ids).logits[..., :SMOLLM2_VOCAB]
-    if not torch.equal(want, got):
-        raise AssetError(f"test VLM {folder}: text-only logits differ from SmolLM2's by up to "
-                         f"{(want - got).abs().max().item():.3g}")
+    mismatch = text_logits_mismatch(want, got)
+    if not mismatch <= TEXT_LOGITS_RTOL:
+        raise AssetError(f"test VLM {folder}: text-only logits differ from SmolLM2's by "
+                         f"{mismatch:.3g} of the largest logit (allowed {TEXT_LOGITS_RTOL:g})")
+
+
+#: Bumped whenever the build's bytes change, so cached folders of an older recipe are rebuilt.
+BUILD_RECIPE = 2
+
+
+def build_marker(name: str) -> str:
+    """Return the ``.complete`` marker text of the current build recipe of layout ``name``."""
+    return f"{name} seed={VISION_SEED} recipe={BUILD_RECIPE}"
+
+
+def _marker_text(folder: Path) -> str | None:
+    try:
+        return (folder / COMPLETE_MARKER).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
 
 
 def ensure_test_vlm(name: str) -> Path:
@@ -231,9 +271,12 @@ def ensure_test_vlm(name: str) -> Path:
         AssetError: Unknown layout, or the built model fails its check.
     """
     target = cache_dir() / _layout(name).folder
-    if (target / COMPLETE_MARKER).is_file():
+    marker = build_marker(name)
+    if _marker_text(target) == marker:
         logger.info("using cached test VLM %s", target)
         return target
+    if (target / COMPLETE_MARKER).is_file():
+        logger.info("cached test VLM %s is from another build recipe; rebuilding it", target)
     smollm2 = ensure_smollm2()
 
     def build(tmp: Path) -> None:
@@ -241,7 +284,7 @@ def ensure_test_vlm(name: str) -> Path:
         build_test_vlm(name, tmp, smollm2)
         verify_test_vlm(tmp, smollm2)
 
-    build_folder(target, f"{name} seed={VISION_SEED}", build)
+    build_folder(target, marker, build)
     logger.info("test VLM ready at %s", target)
     return target
 
