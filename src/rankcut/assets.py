@@ -168,20 +168,16 @@ def _write_atomic(path: Path, text: str) -> None:
 def _convert_gguf(folder: Path, gguf_name: str) -> None:
     """Load the GGUF in ``folder`` and save it there as an fp32 safetensors model + tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import load_model
 
     logger.info("dequantizing %s to fp32", gguf_name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name,
-                                                     dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+        model, tokenizer = load_model(folder / gguf_name, dtype=torch.float32)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # transformers raises many types for a bad GGUF
         raise ModelLoadError(f"cannot load GGUF {folder / gguf_name}: {exc}") from exc
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # weights are already fp32; drop the marker that blocks saving
-        quantizer.remove_quantization_config(model)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     logger.info("saving safetensors model and tokenizer to %s", folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -170,6 +170,7 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
     """
     from .valuecache import uses_latent_values
 
+    check_saveable(model)
     path = Path(path)
     entry = _rankcut_entry(model.config)
     if entry is None:
@@ -189,6 +190,24 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
             tokenizer.save_pretrained(tmp)
 
     return write_dir_atomically(path, write)
+
+
+def check_saveable(model: nn.Module) -> None:
+    """Raises now what ``save_pretrained`` would raise after the whole run: a model still
+    attached to another transformers quantizer (bitsandbytes, a GGUF loaded packed, ...),
+    whose models transformers refuses to save. The CLI calls it right after loading.
+
+    Raises:
+        CheckpointError: the model carries a quantizer other than rankcut's.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or isinstance(quantizer, RankcutHfQuantizer):
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", "another")
+    raise CheckpointError(
+        f"the model is loaded through transformers' {getattr(method, 'value', method)} "
+        "quantizer, and such a model cannot be saved; load it with dense weights "
+        "(rankcut.load_model dequantizes a .gguf file)")
 
 
 def write_dir_atomically(target: str | Path, write: Callable[[Path], object]) -> Path:

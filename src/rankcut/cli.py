@@ -274,6 +274,7 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
         return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
                                 kept_bytes, start, device)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    checkpoint.check_saveable(model)  # before the calibration, not after it
     _check_images(args, model, args.model)
     calib = _calibration(args, config, tokenizer, update_config is not None)
     eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
@@ -350,6 +351,8 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
 
     streaming.return_freed_memory()
     folder = models.resolve_model_source(args.model)
+    if Path(folder).suffix == ".gguf":  # shards are needed: a cached one-time conversion
+        folder = str(models.gguf_as_folder(folder, dtype))
     if not Path(folder).is_dir():
         raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder)

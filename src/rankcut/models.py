@@ -60,10 +60,14 @@ def load_model(
     location = resolve_model_source(source)
     path = Path(location).expanduser()
     kwargs: dict = {}
+    model_kwargs: dict = {}
     if path.suffix == ".gguf":
+        from transformers import GgufConfig
+
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
         kwargs["gguf_file"] = path.name
+        model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
         location = str(path.parent)
     elif path.exists():
         if not (path / "config.json").is_file():
@@ -78,15 +82,78 @@ def load_model(
     try:
         vlm = "gguf_file" not in kwargs and is_vision_language(
             AutoConfig.from_pretrained(location))
-        model = auto_model_class(vlm).from_pretrained(location, dtype=dtype, **kwargs)
+        model = auto_model_class(vlm).from_pretrained(location, dtype=dtype, **kwargs,
+                                                      **model_kwargs)
         tokenizer = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"could not load '{source}' as a local model folder, GGUF file or hub id: {err}"
         ) from err
-    if "gguf_file" in kwargs and hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # weights are dequantized to `dtype`
+    if "gguf_file" in kwargs:
+        drop_gguf_marks(model, path)
     return model.to(device).eval(), tokenizer
+
+
+def drop_gguf_marks(model: nn.Module, path: Path) -> None:
+    """Turns a model transformers loaded (dequantized) from a GGUF file into a plain dense one.
+
+    transformers loads a GGUF through its GGUF quantizer and leaves it attached (with a
+    ``quantization_config`` on the config), which makes ``save_pretrained`` refuse the model
+    as "not serializable". The weights are already dense ``dtype`` tensors, so the marks are
+    removed. Side effect: mutates ``model`` and its config.
+
+    Raises:
+        ModelLoadError: a layer was left in GGUF's packed form (nothing to compress).
+    """
+    packed = [name for name, module in model.named_modules()
+              if type(module).__name__.startswith(("Gguf", "GGUF", "Ggml"))]
+    if packed:
+        raise ModelLoadError(f"{path}: transformers kept {len(packed)} layer(s) packed in GGUF "
+                             f"blocks (first: {packed[0]}); rankcut needs dense weights")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # transformers' own way to detach it
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def gguf_as_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Returns a cached safetensors model folder converted from the GGUF file ``path``.
+
+    ``--stream`` reads safetensors shards, which a GGUF has none of, so the file is loaded
+    once, dequantized to ``dtype`` (the whole model in memory once: 4 bytes per parameter in
+    float32), and saved with its tokenizer under ``<cache>/gguf/<stem>-<sha256[:16]>-<dtype>``;
+    later runs on the same bytes reuse it. Built in a temporary folder renamed into place.
+
+    Raises:
+        ModelLoadError: the file is missing or cannot be loaded.
+    """
+    import hashlib
+
+    from .assets import COMPLETE_MARKER, build_folder, cache_dir
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    dtype_name = str(dtype).removeprefix("torch.")
+    target = cache_dir() / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}-{dtype_name}"
+    if (target / COMPLETE_MARKER).is_file():
+        logger.info("using the cached conversion of %s: %s", path.name, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s to a %s safetensors folder for --stream (loads the whole "
+                "model once): %s", path.name, dtype_name, target)
+
+    def convert(tmp: Path) -> None:
+        model, tokenizer = load_model(path, dtype=dtype)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_folder(target, f"{path.name} sha256={digest.hexdigest()}", convert)
 
 
 def auto_model_class(vision_language: bool):
