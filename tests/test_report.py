@@ -16,6 +16,7 @@ from matplotlib import image as mpimg
 from rankcut import report
 from rankcut.checkpoint import BENCH_FILE
 from rankcut.cli import main
+from rankcut.outputs import OUTPUT_MARKER
 
 from .conftest import tiny_model, tiny_tokenizer, word_text
 from .test_cli import _compress
@@ -99,7 +100,8 @@ def test_report_has_every_section_plot_and_input(full_report, inputs):
                             "rank-layers-2.png", "rank-types.png"]
     for src in srcs:
         _check_png(full_report.parent / src)
-    assert sorted(p.name for p in full_report.parent.iterdir()) == sorted([*srcs, "index.html"])
+    assert sorted(p.name for p in full_report.parent.iterdir()) == sorted(
+        [*srcs, "index.html", OUTPUT_MARKER])  # the marker: a folder rankcut wrote
     speed = page[page.index('<section id="speed">'):]
     # header, the checkpoint's bench, the speed JSON's two contenders besides dense
     assert speed.count("<tr>") == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,14 @@ def test_jsonl_reader_resolves_paths_and_defaults_the_prompt(tmp_path: Path) -> 
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join("" if not line else json.dumps(line) for line in lines) + "\n",
                     encoding="utf-8")
-    records = image_data.read_image_text_jsonl(path)
+    records = image_data.read_image_text_jsonl(path, allow_external_images=True)
     assert records == [
         {"image": rel, "prompt": "What colour?", "text": "red"},
         {"image": absolute, "prompt": image_data.DEFAULT_PROMPT, "text": "a red square"},
     ]
+    refused = f"data.jsonl:3: image path '{absolute}' is absolute; image paths must stay inside"
+    with pytest.raises(CalibrationError, match=re.escape(refused)):
+        image_data.read_image_text_jsonl(path)
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -186,9 +186,9 @@ def test_image_options_need_a_vision_language_model(model_dir, tmp_path, capsys)
               "--num-samples", "2", "--seqlen", "16", "--output", str(tmp_path / "o")]
     assert main([*common, "--calib-images", "captions", "--no-eval"]) == 2
     assert "--calib-images needs a vision-language model" in capsys.readouterr().err
-    assert main([*common, "--stream", "--calib-images", "captions"]) == 2
+    assert main([*common, "--stream", "--calib-images", "captions", "--eval-seqlen", "64"]) == 2
     assert "not supported with --stream" in capsys.readouterr().err
-    assert main(["eval", str(model_dir), "--eval-images", "captions"]) == 2
+    assert main(["eval", str(model_dir), "--eval-images", "captions", "--seqlen", "64"]) == 2
     assert "--eval-images needs a vision-language model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -15,12 +15,10 @@ registered quantizer builds ``LowRankLinear`` modules from the rank map and igno
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import CheckpointError
 from .modules import LowRankLinear
+from .outputs import leftover_target, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +43,8 @@ BENCH_FILE = "rankcut_bench.json"  # `rankcut bench` writes its speed table ther
 QUANT_METHOD = "rankcut"
 SUPPORTED_FORMATS = (1,)
 MARKER_SUFFIX = ".weight"
+#: ``quantization_config`` key of the ``{shard file: sha256}`` written at save time.
+DIGESTS_KEY = "shard_sha256"
 
 
 class RankcutConfig(QuantizationConfigMixin):
@@ -184,12 +185,64 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
             state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
     model.config.quantization_config = entry
 
+    entry.pop(DIGESTS_KEY, None)  # a loaded checkpoint's digests describe its own shards
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        record_shard_digests(tmp)
 
     return write_dir_atomically(path, write)
+
+
+def file_sha256(path: Path) -> str:
+    """Returns the hex SHA-256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_shard_digests(folder: Path) -> dict[str, str]:
+    """Hashes every safetensors shard of the checkpoint in ``folder`` and records
+    ``{file name: sha256}`` under ``quantization_config["shard_sha256"]`` in its config.json.
+
+    Side effects: rewrites ``folder/config.json``. Returns the digests.
+    """
+    digests = {shard.name: file_sha256(shard) for shard in _shard_files(folder)}
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["quantization_config"][DIGESTS_KEY] = digests
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return digests
+
+
+def verify_shard_digests(path: Path, entry: dict) -> int | None:
+    """Checks every shard of the checkpoint at ``path`` against the digests in ``entry``.
+
+    Returns:
+        The number of shards verified, or None when the checkpoint records no digests
+        (written by a rankcut before they existed).
+
+    Raises:
+        CheckpointError: a shard is missing or extra, or its bytes do not match its digest.
+    """
+    digests = entry.get(DIGESTS_KEY)
+    if digests is None:
+        logger.warning("%s records no shard digests (an older rankcut wrote it); its tensors "
+                       "are not verified", path)
+        return None
+    shards = _shard_files(path)
+    if {shard.name for shard in shards} != set(digests):
+        raise CheckpointError(f"{path}: its shards {sorted(s.name for s in shards)} are not the "
+                              f"ones recorded at save time {sorted(digests)}")
+    for shard in shards:
+        if file_sha256(shard) != digests[shard.name]:
+            raise CheckpointError(f"shard {shard} does not match the sha256 recorded when it "
+                                  "was saved: the file was corrupted or modified")
+    return len(shards)
 
 
 def check_saveable(model: nn.Module) -> None:
@@ -210,34 +263,6 @@ def check_saveable(model: nn.Module) -> None:
         "(rankcut.load_model dequantizes a .gguf file)")
 
 
-def write_dir_atomically(target: str | Path, write: Callable[[Path], object]) -> Path:
-    """Calls ``write(tmp)`` on a fresh temporary sibling folder, then renames it to ``target``.
-
-    An existing ``target`` is replaced only after ``write`` returned; if ``write`` raises,
-    the temporary folder is removed and ``target`` is left as it was.
-
-    Returns:
-        ``target`` as a Path.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("wrote %s", target)
-    return target
-
-
 def _rankcut_entry(config) -> dict | None:
     entry = getattr(config, "quantization_config", None)
     if entry is not None and not isinstance(entry, dict):
@@ -245,27 +270,38 @@ def _rankcut_entry(config) -> dict | None:
     return entry if entry and entry.get("quant_method") == QUANT_METHOD else None
 
 
-def validate_checkpoint(path: str | Path) -> dict:
-    """Checks that a folder is a whole rankcut checkpoint before any weight is loaded.
+def validate_checkpoint(path: str | Path, verify: bool = True) -> dict:
+    """Checks that a folder is a whole, untampered rankcut checkpoint before any weight is
+    loaded.
+
+    Args:
+        path: the checkpoint folder.
+        verify: hash every shard against the digests recorded at save time (reads every
+            byte once; ``False`` skips it for a checkpoint the caller trusts).
 
     Returns:
         The ``quantization_config`` entry.
 
     Raises:
         CheckpointError: the folder, config.json or a shard is missing, unreadable or
-            truncated, or the format is not one this version reads.
+            truncated; the folder is the leftover of an interrupted save; the format is not
+            one this version reads; a shard's bytes do not match its digest; or the rank
+            map disagrees with the stored tensor shapes or with ``rank_map.json``.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
+    if leftover_target(path):
+        raise CheckpointError(f"{path} is the unfinished folder of an interrupted save of "
+                              f"{leftover_target(path)}, not a checkpoint")
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError as err:
         raise CheckpointError(f"{path} has no config.json; not a complete checkpoint") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / 'config.json'} is corrupt: {err}") from err
-    entry = config.get("quantization_config") or {}
-    if entry.get("quant_method") != QUANT_METHOD:
+    entry = (config.get("quantization_config") or {}) if isinstance(config, dict) else {}
+    if not isinstance(entry, dict) or entry.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a rankcut checkpoint (no rankcut entry in config)")
     if entry.get("format_version") not in SUPPORTED_FORMATS:
         raise CheckpointError(
@@ -274,7 +310,92 @@ def validate_checkpoint(path: str | Path) -> dict:
         )
     for shard in _shard_files(path):
         _check_shard(shard)
+    if verify:
+        verify_shard_digests(path, entry)
+    check_rank_map_against_shapes(path, entry)
     return entry
+
+
+def check_rank_map_against_shapes(path: Path, entry: dict) -> None:
+    """Checks the checkpoint's rank map against its tensors (headers only) and against the
+    ``rank_map.json`` beside it, when there is one.
+
+    Raises:
+        CheckpointError: a rank that is not a positive integer or null, a factorized module
+            whose stored factors do not have its rank (int8 rows included) or whose rank
+            exceeds min(m, n), a dense module without its weight, or a ``rank_map.json``
+            that differs from the config's.
+    """
+    rank_map = entry.get("rank_map")
+    if not isinstance(rank_map, dict):
+        raise CheckpointError(f"{path}: quantization_config has no rank_map")
+    stored = _stored_factors(tensor_specs(path))
+    layouts = entry.get("int8_layout") or {}
+    for name, rank in rank_map.items():
+        if rank is None:
+            continue
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise CheckpointError(f"{path}: rank map gives {name} the rank {rank!r}, not a "
+                                  "positive integer or null")
+        _check_factor_shapes(path, name, rank, layouts.get(name) or {},
+                             _factors_of(stored, name))
+    side = path / "rank_map.json"
+    if side.is_file():
+        try:
+            written = json.loads(side.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{side} is corrupt: {err}") from err
+        if written != rank_map:
+            differ = sorted(k for k in set(written) | set(rank_map)
+                            if written.get(k) != rank_map.get(k))[:3]
+            raise CheckpointError(f"{side} disagrees with the rank map in config.json "
+                                  f"(first: {differ})")
+
+
+def _stored_factors(specs: dict) -> dict[str, dict[str, list[int]]]:
+    """{stored module name: {"weight_u": shape, "weight_v": shape}} from the shard headers."""
+    stored: dict[str, dict[str, list[int]]] = {}
+    for key, (_, shape) in specs.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf in ("weight_u", "weight_v"):
+            stored.setdefault(module, {})[leaf] = shape
+    return stored
+
+
+def _factors_of(stored: dict, name: str) -> dict | None:
+    """The stored factor shapes of module ``name``. transformers saves some classes (LLaVA,
+    for instance) under legacy key names, so when the name itself is not stored the longest
+    tail of it that exactly one stored name ends with is used. Returns {} when the tail is
+    ambiguous (not checkable) and None when nothing matches."""
+    if name in stored:
+        return stored[name]
+    parts = name.split(".")
+    for drop in range(1, len(parts) - 1):
+        tail = ".".join(parts[drop:])
+        matches = [key for key in stored if key == tail or key.endswith("." + tail)]
+        if len(matches) == 1:
+            return stored[matches[0]]
+        if matches:
+            return {}
+    return None
+
+
+def _check_factor_shapes(path: Path, name: str, rank: int, layout: dict,
+                         factors: dict | None) -> None:
+    if factors == {}:
+        return
+    u_int8, v_int8 = int(layout.get("u_int8", 0)), int(layout.get("v_int8", 0))
+    u, v = (factors or {}).get("weight_u"), (factors or {}).get("weight_v")
+    if u is None or v is None:
+        raise CheckpointError(f"{path}: {name} has rank {rank} in the rank map but its "
+                              "weight_u / weight_v factors are missing")
+    (m, u_cols), (v_rows, n) = u, v
+    if u_cols + u_int8 != rank or v_rows + v_int8 != rank:
+        raise CheckpointError(f"{path}: {name} has rank {rank} in the rank map but its stored "
+                              f"factors are {m}x{u_cols + u_int8} and {v_rows + v_int8}x{n}")
+    if rank > min(m, n):
+        raise CheckpointError(f"{path}: {name} has rank {rank} in the rank map, above "
+                              f"min(m, n) = {min(m, n)} of its {m}x{n} weight")
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
@@ -330,13 +451,15 @@ def _check_shard(shard: Path) -> None:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: str = "cpu") -> nn.Module:
+                    device: str = "cpu", verify: bool = True) -> nn.Module:
     """Loads a rankcut checkpoint, rebuilding its low-rank modules.
 
     Args:
         path: the checkpoint folder.
         dtype: parameter dtype (default: the dtype stored in config.json).
         device: where to place the model.
+        verify: check every shard against its recorded sha256 first (see
+            :func:`validate_checkpoint`).
 
     Returns:
         The model in eval mode.
@@ -344,7 +467,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     Raises:
         CheckpointError: the folder is not a whole, readable rankcut checkpoint.
     """
-    validate_checkpoint(path)
+    validate_checkpoint(path, verify=verify)
     register_with_transformers()
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
     from transformers import AutoConfig

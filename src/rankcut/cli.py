@@ -19,6 +19,10 @@ from .models import block_number, module_type, text_tokenizer
 
 logger = logging.getLogger("rankcut")
 
+#: ``compress``'s output folder when ``--output`` is not given; a previous rankcut output
+#: there is replaced without ``--overwrite`` (the user never named it).
+DEFAULT_OUTPUT = "rankcut-out"
+
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the process exit code (2 for a rankcut error)."""
@@ -105,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
     c.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
     _add_device_args(c)
-    c.add_argument("--output", default="rankcut-out")
+    c.add_argument("--output", default=None,
+                   help=f"checkpoint folder (default {DEFAULT_OUTPUT}/, which a later run may "
+                        "replace; a named folder that exists needs --overwrite)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it holds a previous rankcut output (never a "
+                        "folder rankcut did not write)")
     c.add_argument("--stream", action="store_true",
                    help="load one decoder block at a time from the safetensors shards, keep "
                         "activations on disk, resume an interrupted run (models larger than "
@@ -131,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-eval batch size (default 16)")
     e.set_defaults(eval=None)  # perplexity alongside --tasks only when asked for
     _add_device_args(e)
+    _add_verify_arg(e)
     e.add_argument("--json", default=None, metavar="FILE")
     e.set_defaults(func=cmd_eval)
 
@@ -143,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-values", action="store_true",
                    help="cache the latent W_v x of low-rank v_proj instead of the values")
     _add_device_args(g)
+    _add_verify_arg(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="prefill and decode speed and memory, dense vs compressed")
@@ -156,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--latent-values", action="store_true",
                    help="also time the compressed model with the latent value cache")
     _add_device_args(b)
+    _add_verify_arg(b)
     b.add_argument("--json", default=None, metavar="FILE")
     b.set_defaults(func=cmd_bench)
 
@@ -167,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("path")
     x.add_argument("--dense", action="store_true", required=True)
     x.add_argument("--output", required=True)
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it holds a previous rankcut output")
+    _add_verify_arg(x)
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="HTML page with plots from checkpoints and benchmark JSON")
@@ -182,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "vision side) and the image-text data (photos with captions, easy-VQA)")
     a.set_defaults(func=cmd_assets)
     return parser
+
+
+def _add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip hashing a rankcut checkpoint's shards against the sha256 "
+                        "recorded at save time (one extra read of the weights)")
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -217,6 +238,9 @@ def _add_eval_args(p: argparse.ArgumentParser, seqlen_flag: str, default_windows
     p.add_argument("--eval-images", default=None, metavar="DIR_OR_JSONL",
                    help="also the caption perplexity given the image (a vision-language "
                         "model): a JSONL file, a captioned folder, or captions / vqa-test")
+    p.add_argument("--allow-external-images", action="store_true",
+                   help="accept image paths in an image-text JSONL (--calib-images, "
+                        "--eval-images) that are absolute or lead outside the file's folder")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -235,10 +259,24 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace, device: str, dtype) -> None:
-    import torch
+    """Validates every argument, then (process 0) locks ``--output`` for the whole run."""
+    from . import distributed, outputs
 
-    from . import checkpoint, distributed, methods, models, pipeline, update
-    from .inference import weight_bytes
+    config, update_config, rank_map = _compress_settings(args)
+    _check_compress_args(args, config)
+    if distributed.world()[0] > 0:
+        return _compress_locked(args, device, dtype, config, update_config, rank_map)
+    with outputs.output_lock(args.output):
+        _compress_locked(args, device, dtype, config, update_config, rank_map)
+
+
+def _compress_settings(args: argparse.Namespace):
+    """Returns (method config, update config or None, rank map or None) from the flags.
+
+    Raises:
+        ConfigError: a setting out of range, or one that its method or update does not take.
+    """
+    from . import distributed, methods, update
 
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
@@ -255,11 +293,107 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
         raise update.ConfigError("--refit-target needs --update refit")
     update_config = update.make_update(
         args.update, **(lora if args.update == "lora" else {"target": args.refit_target}))
-    rank, size = distributed.world()
-    if update_config is not None and size > 1:
+    if update_config is not None and distributed.world()[1] > 1:
         raise update.ConfigError(f"--update {args.update} is not distributed; run it without "
                                  "torchrun")
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
+    return config, update_config, rank_map
+
+
+def _check_compress_args(args: argparse.Namespace, config) -> None:
+    """Checks, before the model is loaded, what needs no model: counts and lengths, that
+    the named input files exist, that ``--json`` can be written, and that ``--output`` may
+    be written (see :func:`rankcut.outputs.check_output`). Sets ``args.output`` to the
+    default folder when it was not given.
+
+    Raises:
+        ConfigError, CalibrationError: the first argument found wrong.
+    """
+    from . import models, outputs
+    from .errors import CalibrationError, ConfigError
+
+    for flag, value, least in (("--num-samples", args.num_samples, 1), ("--seqlen", args.seqlen, 2),
+                               ("--batch-size", args.batch_size, 1),
+                               ("--eval-seqlen", args.eval_seqlen, 2),
+                               ("--max-windows", args.max_windows, 1),
+                               ("--image-samples", args.image_samples, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}; got {value}")
+    for flag in ("calib_file", "eval_file"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise CalibrationError(f"--{flag.replace('_', '-')} {path}: file not found")
+    if args.calib_file and not (config.needs_input_stats or config.needs_row_fisher
+                                or args.update != "none"):
+        logger.warning("--calib-file %s is not used: method %s needs no calibration data",
+                       args.calib_file, config.name)
+    if args.json:
+        outputs.check_file_output(args.json)
+    default = args.output is None
+    args.output = DEFAULT_OUTPUT if default else args.output
+    source = models.resolve_model_source(args.model)
+    inputs = [source] if Path(source).expanduser().exists() else []
+    outputs.check_output(args.output, inputs, overwrite=args.overwrite or default)
+    if Path(source).suffix != ".gguf":  # a GGUF's lengths are checked once it is loaded
+        _check_lengths(_compress_lengths(args, config), models.load_config(source))
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """``eval``'s checks before the model is loaded: window length and count, the
+    evaluation file, the ``--json`` path.
+
+    Raises:
+        ConfigError, CalibrationError: the first argument found wrong.
+    """
+    from .errors import CalibrationError, ConfigError
+    from .outputs import check_file_output
+
+    if args.eval_seqlen < 2:
+        raise ConfigError(f"--seqlen must be at least 2; got {args.eval_seqlen}")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ConfigError(f"--max-windows must be at least 1; got {args.max_windows}")
+    if args.eval_file is not None and not Path(args.eval_file).expanduser().is_file():
+        raise CalibrationError(f"--eval-file {args.eval_file}: file not found")
+    if args.json:
+        check_file_output(args.json)
+
+
+def _compress_lengths(args: argparse.Namespace, config) -> dict[str, int]:
+    """The window lengths this run will use: calibration when it needs data, evaluation
+    unless ``--no-eval``."""
+    lengths = {}
+    if config.needs_input_stats or config.needs_row_fisher or args.update != "none":
+        lengths["--seqlen"] = args.seqlen
+    if not args.no_eval:
+        lengths["--eval-seqlen"] = args.eval_seqlen
+    return lengths
+
+
+def _check_lengths(lengths: dict[str, int], config) -> None:
+    """Refuses window lengths (``{flag: tokens}``) above the model's maximum positions.
+
+    Raises:
+        ConfigError: a window longer than ``max_position_embeddings``.
+    """
+    from .errors import ConfigError
+
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    for flag, value in lengths.items():
+        if limit is not None and value > limit:
+            raise ConfigError(f"{flag} {value} is above the model's {limit} maximum positions "
+                              "(max_position_embeddings)")
+
+
+def _compress_locked(args: argparse.Namespace, device: str, dtype, config, update_config,
+                     rank_map) -> None:
+    """The run itself, once the arguments are checked: load (or stream), calibrate,
+    compress, save, evaluate and print."""
+    import torch
+
+    from . import checkpoint, distributed, models, pipeline, update
+    from .inference import weight_bytes
+
+    rank = distributed.world()[0]
     start = time.perf_counter()
     if args.stream and (args.calib_images or args.eval_images):
         raise update.ConfigError("--calib-images and --eval-images are not supported with "
@@ -275,6 +409,7 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
                                 kept_bytes, start, device)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
     checkpoint.check_saveable(model)  # before the calibration, not after it
+    _check_lengths(_compress_lengths(args, config), model.config)
     _check_images(args, model, args.model)
     calib = _calibration(args, config, tokenizer, update_config is not None)
     eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
@@ -310,7 +445,8 @@ def _calibration(args: argparse.Namespace, config, tokenizer, always: bool):
     images = (max(1, args.num_samples // 2) if args.image_samples is None
               else args.image_samples)
     return image_data.mixed_calibration(tokenizer, text, args.num_samples, args.seqlen,
-                                        args.seed, args.calib_images, images)
+                                        args.seed, args.calib_images, images,
+                                        args.allow_external_images)
 
 
 def _check_images(args: argparse.Namespace, model, source) -> None:
@@ -327,7 +463,8 @@ def _check_images(args: argparse.Namespace, model, source) -> None:
 def _caption_records(args: argparse.Namespace):
     from .image_data import image_text_source
 
-    return image_text_source(args.eval_images) if args.eval_images else None
+    return (image_text_source(args.eval_images, args.allow_external_images)
+            if args.eval_images else None)
 
 
 def _caption_perplexity(model, processor, records) -> float | None:
@@ -448,8 +585,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluation import caption_perplexity, evaluate
 
     task_settings = _task_settings(args)
+    _check_eval_args(args)
     device, dtype = _device(args)
-    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device,
+                                       verify=args.verify)
+    if not args.tasks or args.eval or args.eval_file:  # the perplexity windows are used
+        _check_lengths({"--seqlen": args.eval_seqlen}, model.config)
     _check_images(args, model, args.model)
     figures: dict = {"model": args.model}
     if not args.tasks or args.eval or args.eval_file:
@@ -512,7 +653,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
     device, dtype = _device(args)
-    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device,
+                                         verify=args.verify)
     if args.latent_values and not enable_latent_values(model):
         raise ConfigError("--latent-values: this model has no low-rank v_proj")
     generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat)
@@ -527,21 +669,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .checkpoint import validate_checkpoint
     from .errors import ConfigError
     from .inference import benchmark, check_bench_settings, print_speed_table
+    from .outputs import check_file_output
     from .pipeline import to_dense
     from .valuecache import enable_latent_values
 
     check_bench_settings(args.batch_sizes, args.prompt_lens, args.new_tokens, args.repeats)
-    validate_checkpoint(args.model)
+    validate_checkpoint(args.model, verify=args.verify)  # once: the loads below skip it
+    if args.json:
+        check_file_output(args.json)
     device, dtype = _device(args)
-    compressed, _ = models.load_model(args.model, dtype=dtype, device=device)
+    compressed, _ = models.load_model(args.model, dtype=dtype, device=device, verify=False)
     if args.dense:
-        dense, _ = models.load_model(args.dense, dtype=dtype, device=device)
+        dense, _ = models.load_model(args.dense, dtype=dtype, device=device,
+                                     verify=args.verify)
     else:
-        dense, _ = models.load_model(args.model, dtype=dtype, device=device)
+        dense, _ = models.load_model(args.model, dtype=dtype, device=device, verify=False)
         dense = to_dense(dense)
     contenders = {"dense": dense, "compressed": compressed}
     if args.latent_values:
-        latent, _ = models.load_model(args.model, dtype=dtype, device=device)
+        latent, _ = models.load_model(args.model, dtype=dtype, device=device, verify=False)
         if not enable_latent_values(latent):
             raise ConfigError("--latent-values: this checkpoint has no low-rank v_proj")
         contenders["compressed+latent-v"] = latent
@@ -556,10 +702,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Prints a checkpoint's method, settings, ratios and its rank allocation per block and
     per module type."""
-    from .checkpoint import bytes_by_dtype, validate_checkpoint
+    from .checkpoint import DIGESTS_KEY, bytes_by_dtype, validate_checkpoint
 
-    entry = validate_checkpoint(args.path)
+    entry = validate_checkpoint(args.path)  # hashes every shard: a mismatch is an error
     print(f"method: {entry['method']}  settings: {json.dumps(entry.get('settings', {}))}")
+    digests = entry.get(DIGESTS_KEY)
+    print(f"shard digests: {len(digests)} shard(s) match the sha256 recorded at save time"
+          if digests else "shard digests: none recorded (an older rankcut wrote it); "
+                          "tensors not verified")
     if entry.get("update"):
         print(f"parameter update: {json.dumps(entry['update'])}")
     print(f"target ratio: {entry.get('target_ratio')}  achieved: {entry.get('achieved_ratio')}"
@@ -599,19 +749,31 @@ def _print_rank_groups(title: str, groups: dict[str, dict]) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Writes a dense copy of a rankcut checkpoint (plain safetensors, no rankcut needed)."""
-    from transformers import AutoProcessor, AutoTokenizer
+    """Writes a dense copy of a rankcut checkpoint (plain safetensors, no rankcut needed),
+    with its tokenizer (a VLM's processor); a checkpoint saved without one is exported
+    without it and a warning says so.
 
-    from .checkpoint import from_pretrained, write_dir_atomically
-    from .models import is_vision_language
+    Raises:
+        CheckpointError: the checkpoint is missing, partial or corrupt.
+        ModelLoadError: its tokenizer files are there but cannot be loaded.
+    """
+    from .checkpoint import from_pretrained
+    from .models import is_vision_language, load_saved_tokenizer
+    from .outputs import check_output, output_lock, write_dir_atomically
     from .pipeline import to_dense
 
-    model = to_dense(from_pretrained(args.path))
-    loader = AutoProcessor if is_vision_language(model) else AutoTokenizer
-    tokenizer = loader.from_pretrained(args.path)  # a VLM's processor
-    write_dir_atomically(args.output, lambda tmp: (model.save_pretrained(tmp),
-                                                   tokenizer.save_pretrained(tmp)))
-    print(f"dense checkpoint written to {args.output}")
+    check_output(args.output, [args.path], overwrite=args.overwrite)
+    with output_lock(args.output):
+        model = to_dense(from_pretrained(args.path, verify=args.verify))
+        tokenizer = load_saved_tokenizer(args.path, is_vision_language(model))
+        if tokenizer is None:
+            logger.warning("%s has no tokenizer files: the dense checkpoint is written without "
+                           "a tokenizer (copy one from the original model)", args.path)
+        write_dir_atomically(args.output, lambda tmp: (
+            model.save_pretrained(tmp), tokenizer is not None and tokenizer.save_pretrained(tmp)),
+            kind="dense")
+    print(f"dense checkpoint written to {args.output}"
+          + ("" if tokenizer is not None else " (weights only: no tokenizer)"))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

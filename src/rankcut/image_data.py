@@ -11,7 +11,10 @@ Two built-in sets come out of PyPI wheels (DESIGN.md section 5), each file check
 
 Both are written as image-text JSONL files, the format users give with their own data: one JSON
 object a line, ``{"image": "path relative to the file", "prompt": "...", "text": "..."}``
-(``prompt`` optional, default :data:`DEFAULT_PROMPT`). A folder of images is accepted too: its
+(``prompt`` optional, default :data:`DEFAULT_PROMPT`). Image paths must stay inside the file's
+folder: absolute paths, and paths that leave it through ``..`` or a symbolic link, are refused
+unless the caller allows them (``allow_external_images``), since the file may come from
+someone else. A folder of images is accepted too: its
 ``captions.jsonl`` when it has one, else every image in name order with the default prompt and an
 empty ``text`` (enough for calibration, not for caption perplexity).
 """
@@ -19,10 +22,15 @@ empty ``text`` (enough for calibration, not for caption perplexity).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+import struct
+import warnings
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,6 +71,10 @@ DEFAULT_PROMPT = "Describe the image."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 #: ``kind`` of :func:`image_text_samples`: photo captions, easy-VQA train or test questions.
 SAMPLE_KINDS = ("captions", "vqa", "vqa-test")
+#: The type and CRC of the IEND chunk that ends every whole PNG file.
+PNG_IEND = b"IEND\xaeB`\x82"
+#: What Pillow raises on a file it cannot identify or decode, or that is cut short.
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
 def _photo_manifest() -> dict[str, Any]:
@@ -158,30 +170,90 @@ def ensure_easy_vqa() -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _pillow_errors(path: Path) -> Iterator[None]:
+    """Turns what Pillow raises on a bad image file into a :class:`CalibrationError` naming
+    ``path``. Pillow's decompression-bomb warning (more than ``Image.MAX_IMAGE_PIXELS``
+    pixels) is an error here too, as is its error (more than twice that)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise CalibrationError(f"image {path} is refused as a possible decompression "
+                                   f"bomb: {exc}") from exc
+        except _PILLOW_ERRORS as exc:
+            raise CalibrationError(f"cannot read image {path} (truncated or corrupt?): "
+                                   f"{exc}") from exc
+
+
 def check_image(path: Path) -> None:
-    """Raise :class:`CalibrationError` unless ``path`` is an image file Pillow can read."""
-    from PIL import Image, UnidentifiedImageError
+    """Raise :class:`CalibrationError` unless ``path`` is an image file Pillow can read: it
+    opens, passes Pillow's ``verify()`` (chunk checksums for PNG), is not a decompression
+    bomb, and a PNG ends with its IEND chunk (Pillow alone accepts a PNG cut inside it)."""
+    from PIL import Image
 
     if not path.is_file():
         raise CalibrationError(f"image {path} does not exist")
-    try:
+    with _pillow_errors(path):
         with Image.open(path) as image:
+            kind = image.format
             image.verify()
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
-        raise CalibrationError(f"cannot read image {path}: {exc}") from exc
+        whole = kind != "PNG" or PNG_IEND in _tail(path, 64)
+    if not whole:
+        raise CalibrationError(f"cannot read image {path} (truncated or corrupt?): the PNG "
+                               "does not end with its IEND chunk")
+
+
+def _tail(path: Path, size: int) -> bytes:
+    """The last ``size`` bytes of a file (all of it when shorter)."""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read()
 
 
 def open_image(path: Path) -> Image:
-    """Return the image at ``path`` as an RGB ``PIL.Image`` (raises :class:`CalibrationError`)."""
+    """Return the image at ``path`` decoded as an RGB ``PIL.Image``.
+
+    Raises:
+        CalibrationError: the file is missing, unreadable, truncated, corrupt or a possible
+            decompression bomb (checked by :func:`check_image`, then again while decoding).
+    """
     from PIL import Image
 
     check_image(path)
-    with Image.open(path) as image:
+    with _pillow_errors(path), Image.open(path) as image:
         return image.convert("RGB")
 
 
-def _parse_line(line: str, where: str, base: Path) -> dict[str, Any]:
-    """Turn one JSONL line into a record; ``where`` (``file:line``) prefixes every error."""
+def _image_path(name: str, base: Path, where: str, allow_external: bool) -> Path:
+    """The path of a JSONL line's image ``name``, relative to the file's (resolved) folder
+    ``base``.
+
+    Raises:
+        CalibrationError: unless ``allow_external``, ``name`` is absolute or leads outside
+            ``base`` once ``..`` and symbolic links are resolved; the message starts with
+            ``where`` (``file:line``).
+    """
+    path = base / name
+    if allow_external:
+        return path
+    hint = ("; image paths must stay inside the JSONL file's folder (allow others with "
+            "--allow-external-images, or allow_external_images=True)")
+    if Path(name).is_absolute():
+        raise CalibrationError(f"{where}: image path {name!r} is absolute{hint}")
+    if not path.resolve().is_relative_to(base):
+        raise CalibrationError(f"{where}: image path {name!r} leads outside {base} (to "
+                               f"{path.resolve()}){hint}")
+    return path
+
+
+def _parse_line(line: str, where: str, base: Path, allow_external: bool = False
+                ) -> dict[str, Any]:
+    """Turn one JSONL line into a record; ``where`` (``file:line``) prefixes every error.
+    The image path is checked by :func:`_image_path`."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -197,34 +269,58 @@ def _parse_line(line: str, where: str, base: Path) -> dict[str, Any]:
     bad = [key for key, value in record.items() if not isinstance(value, str)]
     if bad:
         raise CalibrationError(f"{where}: {', '.join(bad)} must be string(s)")
-    record["image"] = base / record["image"]
+    record["image"] = _image_path(record["image"], base, where, allow_external)
     return record
 
 
-def read_image_text_jsonl(path: str | Path, check_images: bool = True) -> list[dict[str, Any]]:
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yields (line number, text) of each non-blank line of a UTF-8 file.
+
+    Raises:
+        CalibrationError: the file cannot be read, or a line is not UTF-8 (the message names
+            the file and line).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CalibrationError(f"cannot read image-text file {path}: {exc}") from exc
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{path}:{number}: not UTF-8 text (truncated or "
+                                   f"corrupt?): {exc}") from exc
+        if line.strip():
+            yield number, line
+
+
+def read_image_text_jsonl(path: str | Path, check_images: bool = True,
+                          allow_external_images: bool = False) -> list[dict[str, Any]]:
     """Read an image-text JSONL file into ``{"image": Path, "prompt": str, "text": str}`` records.
 
-    Image paths are relative to the file's folder (absolute paths are kept). Blank lines are
-    skipped; records keep the file's order.
+    Image paths are relative to the file's folder. Blank lines are skipped; records keep the
+    file's order.
 
     Args:
         path: The JSONL file.
         check_images: Open every distinct image once with Pillow; without it only existence is
             checked.
+        allow_external_images: Accept image paths that are absolute or lead outside the file's
+            folder (after resolving ``..`` and symbolic links); refused by default, since the
+            file may come from someone else.
 
     Raises:
-        CalibrationError: The file is missing or holds no records, a line is not a JSON object
-            with string ``image`` and ``text``, or an image is missing or unreadable (the message
-            names the file and line).
+        CalibrationError: The file is missing, unreadable or holds no records, a line is not
+            UTF-8 or not a JSON object with string ``image`` and ``text``, an image path is
+            refused, or an image is missing or unreadable (the message names the file and
+            line).
     """
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"image-text file {path} does not exist")
     base, records, seen = path.parent.resolve(), [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        record = _parse_line(line, f"{path}:{number}", base)
+    for number, line in _jsonl_lines(path):
+        record = _parse_line(line, f"{path}:{number}", base, allow_external_images)
         if record["image"] not in seen:
             try:
                 if check_images:
@@ -240,11 +336,13 @@ def read_image_text_jsonl(path: str | Path, check_images: bool = True) -> list[d
     return records
 
 
-def read_image_text(path: str | Path) -> list[dict[str, Any]]:
+def read_image_text(path: str | Path, allow_external_images: bool = False
+                    ) -> list[dict[str, Any]]:
     """Read image-text records from a JSONL file or a folder (see the module docstring).
 
     A folder with a ``captions.jsonl`` is read through it; otherwise each image file in it (name
     order, not recursive) becomes ``{"image": path, "prompt": DEFAULT_PROMPT, "text": ""}``.
+    ``allow_external_images`` is passed to :func:`read_image_text_jsonl`.
 
     Raises:
         CalibrationError: Nothing usable at ``path``, or a bad line or image (see
@@ -253,7 +351,8 @@ def read_image_text(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         if (path / CAPTIONS_FILE).is_file():
-            return read_image_text_jsonl(path / CAPTIONS_FILE)
+            return read_image_text_jsonl(path / CAPTIONS_FILE,
+                                         allow_external_images=allow_external_images)
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise CalibrationError(f"folder {path} has no {CAPTIONS_FILE} and no image files "
@@ -261,7 +360,7 @@ def read_image_text(path: str | Path) -> list[dict[str, Any]]:
         for image in images:
             check_image(image)
         return [{"image": p.resolve(), "prompt": DEFAULT_PROMPT, "text": ""} for p in images]
-    return read_image_text_jsonl(path)
+    return read_image_text_jsonl(path, allow_external_images=allow_external_images)
 
 
 def image_text_samples(kind: str = "captions", limit: int | None = None) -> list[dict[str, Any]]:
@@ -289,15 +388,17 @@ def image_text_samples(kind: str = "captions", limit: int | None = None) -> list
     return read_image_text_jsonl(path, check_images=False)[:limit]
 
 
-def image_text_source(source: str) -> list[dict[str, Any]]:
+def image_text_source(source: str, allow_external_images: bool = False
+                      ) -> list[dict[str, Any]]:
     """Records of ``--calib-images`` / ``--eval-images``: a built-in set named in
-    :data:`SAMPLE_KINDS`, else a JSONL file or a folder (:func:`read_image_text`)."""
+    :data:`SAMPLE_KINDS`, else a JSONL file or a folder (:func:`read_image_text`, which
+    takes ``allow_external_images``)."""
     if source in SAMPLE_KINDS:
         return image_text_samples(source)
     if not Path(source).exists():
         raise CalibrationError(f"image-text source not found: {source} (give a JSONL file, a "
                                f"folder of images, or one of {', '.join(SAMPLE_KINDS)})")
-    return read_image_text(source)
+    return read_image_text(source, allow_external_images)
 
 
 def choose_records(records: list[dict[str, Any]], count: int, seed: int
@@ -415,12 +516,14 @@ def _pad_tokens(value: torch.Tensor, length: int, seqlen: int) -> torch.Tensor:
 
 
 def mixed_calibration(processor: Any, text: str, num_samples: int, seqlen: int, seed: int,
-                      images: str, image_samples: int) -> Calibration:
+                      images: str, image_samples: int, allow_external_images: bool = False
+                      ) -> Calibration:
     """``num_samples`` windows of ``text`` of ``seqlen`` tokens, the first ``image_samples``
     of which start with a record of the image-text source ``images``
-    (:func:`image_text_source`, drawn by :func:`choose_records`; see
-    :func:`image_text_calibration`)."""
-    records = choose_records(image_text_source(images), image_samples, seed)
+    (:func:`image_text_source`, with ``allow_external_images``; drawn by
+    :func:`choose_records`; see :func:`image_text_calibration`)."""
+    records = choose_records(image_text_source(images, allow_external_images), image_samples,
+                             seed)
     tokenizer = text_tokenizer(processor)
     windows = calibration_batch(tokenizer, text, num_samples, seqlen, seed)
     logger.info("calibration: %d samples of %d tokens, %d of them with an image",

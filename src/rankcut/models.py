@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
@@ -19,6 +20,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2"
 #: Model names of the offline test vision-language models -> their ``vlm_assets`` layout.
 TEST_VLMS = {"smollm2-llava": "llava", "smollm2-smolvlm": "smolvlm"}
+#: What transformers' GGUF reader raises, besides ValueError, on a file cut short.
+_GGUF_READ_ERRORS = (struct.error, IndexError)
+#: Files that make up a saved tokenizer or processor; a folder with none of them has none.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "processor_config.json",
+                   "preprocessor_config.json")
 
 
 def resolve_model_source(source: str | Path | None) -> str:
@@ -37,7 +44,8 @@ def resolve_model_source(source: str | Path | None) -> str:
 
 
 def load_model(
-    source: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    source: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+    verify: bool = True,
 ) -> tuple[nn.Module, object]:
     """Loads a causal LM and its tokenizer from a folder, a ``.gguf`` file or a hub id.
 
@@ -47,13 +55,17 @@ def load_model(
         source: local HF folder, path to a ``.gguf`` file, hub id, or None for SmolLM2.
         dtype: parameter dtype of the loaded model.
         device: device to place the model on.
+        verify: for a rankcut checkpoint, check every shard against the sha256 recorded at
+            save time before loading (``False`` skips the extra read).
 
     Returns:
         (model in eval mode, tokenizer; for a vision-language model its processor, whose
         ``tokenizer`` attribute ``text_tokenizer`` returns).
 
     Raises:
-        ModelLoadError: the path does not exist or nothing could be loaded from it.
+        ModelLoadError: the path does not exist or nothing could be loaded from it: a
+            truncated or corrupt GGUF file (:func:`check_gguf`) or safetensors shard
+            (:func:`check_safetensors_folder`), or tokenizer files that do not load.
     """
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
@@ -66,6 +78,7 @@ def load_model(
 
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
+        check_gguf(path)
         kwargs["gguf_file"] = path.name
         model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
         location = str(path.parent)
@@ -76,7 +89,9 @@ def load_model(
         if _is_rankcut_checkpoint(path):
             from .checkpoint import validate_checkpoint
 
-            validate_checkpoint(path)
+            validate_checkpoint(path, verify=verify)
+        else:
+            check_safetensors_folder(path)
     elif _looks_like_path(location):
         raise ModelLoadError(f"model path not found: {location}")
     try:
@@ -84,14 +99,110 @@ def load_model(
             AutoConfig.from_pretrained(location))
         model = auto_model_class(vlm).from_pretrained(location, dtype=dtype, **kwargs,
                                                       **model_kwargs)
-        tokenizer = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(location, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, *_GGUF_READ_ERRORS) as err:
         raise ModelLoadError(
             f"could not load '{source}' as a local model folder, GGUF file or hub id: {err}"
         ) from err
+    tokenizer = _load_tokenizer(AutoProcessor if vlm else AutoTokenizer, location, source,
+                                **kwargs)
     if "gguf_file" in kwargs:
         drop_gguf_marks(model, path)
     return model.to(device).eval(), tokenizer
+
+
+def _load_tokenizer(loader, location: str, source, **kwargs):
+    """Returns ``loader.from_pretrained(location, **kwargs)`` (a tokenizer or processor).
+
+    Raises:
+        ModelLoadError: it cannot be loaded: missing, or corrupt tokenizer files.
+    """
+    try:
+        return loader.from_pretrained(location, **kwargs)
+    except Exception as err:  # the tokenizers library raises plain Exception on bad files
+        raise ModelLoadError(f"could not load the tokenizer of '{source}': {err}") from err
+
+
+def load_saved_tokenizer(folder: str | Path, vision_language: bool = False):
+    """Loads the tokenizer (a vision-language model's processor) saved in a model folder.
+
+    Returns:
+        The tokenizer or processor, or None when the folder holds none of
+        :data:`TOKENIZER_FILES`.
+
+    Raises:
+        ModelLoadError: tokenizer files are there but cannot be loaded (corrupt or
+            incomplete); the message names the folder.
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    loader = AutoProcessor if vision_language else AutoTokenizer
+    return _load_tokenizer(loader, str(folder), folder)
+
+
+def check_gguf(path: Path) -> None:
+    """Checks that a GGUF file is whole before transformers reads it: its header, metadata
+    and tensor table parse (``gguf.GGUFReader``, tensor data memory-mapped, not read) and
+    every tensor's bytes lie inside the file.
+
+    Raises:
+        ModelLoadError: the file is truncated or corrupt; the message names it.
+    """
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors),
+                  default=int(reader.data_offset))
+    except (OSError, ValueError, KeyError, EOFError, OverflowError, *_GGUF_READ_ERRORS) as err:
+        raise ModelLoadError(f"GGUF file {path} ({size:,} bytes) is truncated or corrupt: "
+                             f"{err}") from err
+    del reader  # closes the memory map
+    if end > size:
+        raise ModelLoadError(f"GGUF file {path} ({size:,} bytes) is truncated or corrupt: its "
+                             f"tensor data ends at byte {end:,}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Returns what is wrong with a safetensors file, or None when it is whole: it exists,
+    its header parses and the file holds every byte the header lists (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return "the file is missing"
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except (OSError, SafetensorError) as err:
+        return str(err) or type(err).__name__
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    """Checks the safetensors weights of a (dense) model folder before they are loaded:
+    its shard index, when there is one, and every shard it names (headers only).
+
+    Raises:
+        ModelLoadError: the index or a shard is missing, truncated or corrupt.
+    """
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"{index} is corrupt: {err!r}") from err
+    else:
+        names = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    for name in names:
+        if not (folder / name).is_file():
+            raise ModelLoadError(f"weights file {folder / name}, named in {index.name}, is "
+                                 "missing")
+        problem = safetensors_problem(folder / name)
+        if problem:
+            raise ModelLoadError(f"weights file {folder / name} is truncated or corrupt: "
+                                 f"{problem}")
 
 
 def drop_gguf_marks(model: nn.Module, path: Path) -> None:
@@ -135,6 +246,7 @@ def gguf_as_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
+    check_gguf(path)  # before hashing and before anything is written to the cache
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(1 << 24):
@@ -154,6 +266,26 @@ def gguf_as_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path
         tokenizer.save_pretrained(tmp)
 
     return build_folder(target, f"{path.name} sha256={digest.hexdigest()}", convert)
+
+
+def load_config(source: str | Path | None):
+    """Returns the transformers config of a model folder or hub id, without its weights.
+
+    Raises:
+        ModelLoadError: a path that does not exist, or nothing loadable there.
+    """
+    from transformers import AutoConfig
+
+    location = resolve_model_source(source)
+    path = Path(location).expanduser()
+    if not path.exists() and _looks_like_path(location):
+        raise ModelLoadError(f"model path not found: {location}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else location)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not read the config of '{source}': {err}") from err
 
 
 def auto_model_class(vision_language: bool):

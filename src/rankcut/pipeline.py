@@ -217,6 +217,32 @@ def _check_inputs(model, config, targets, calibration, rank_map, update) -> None
         extra = sorted(set(rank_map) - set(targets))[:3]
         raise ConfigError(f"rank map does not match the target modules (missing {missing}, "
                           f"unknown {extra})")
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in targets.items()}
+    if rank_map is not None:
+        _check_rank_map_fits(rank_map, shapes)
+    elif config.allocation == "global" and getattr(config, "remap", None) is None:
+        _check_min_rank_fits(getattr(config, "min_rank", 1), config.ratio, shapes)
+
+
+def _check_rank_map_fits(rank_map: dict, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuses a rank above min(m, n): it cannot be factorized and used to be cut silently."""
+    for name, rank in rank_map.items():
+        m, n = shapes[name]
+        if rank is not None and rank > min(m, n):
+            raise ConfigError(f"rank map gives {name} rank {rank}, above min(m, n) = "
+                              f"{min(m, n)} of its {m}x{n} weight")
+
+
+def _check_min_rank_fits(min_rank: int, ratio: float, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuses, before any statistics, a ``min_rank`` whose floor already exceeds the budget."""
+    if min_rank <= 1:
+        return
+    total = sum(m * n for m, n in shapes.values())
+    floor = sum(kept_params(m, n, min(min_rank, m, n)) for m, n in shapes.values())
+    if floor > (1.0 - ratio) * total:
+        raise ConfigError(f"min_rank {min_rank} keeps at least {floor:,} of the {total:,} target "
+                          f"parameters, more than the {(1.0 - ratio) * total:,.0f} that ratio "
+                          f"{ratio} allows; lower min_rank or the ratio")
 
 
 def _compress_block_by_block(model, config, targets, calibration, batch_size, ranks,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import ReportError
 from .models import block_number, module_type
+from .outputs import OUTPUT_MARKER
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -767,8 +768,8 @@ def check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise ReportError(f"--output {output} exists and is not a folder")
     if output.is_dir():
-        foreign = sorted(p.name for p in output.iterdir()
-                         if p.name != "index.html" and p.suffix.lower() != ".png")
+        foreign = sorted(p.name for p in output.iterdir() if p.name not in
+                         ("index.html", OUTPUT_MARKER) and p.suffix.lower() != ".png")
         if foreign:
             raise ReportError(f"--output {output} is a folder that is not a rankcut report "
                               f"(it holds {foreign[0]}); refusing to replace it")
@@ -788,7 +789,7 @@ def write_report(paths: Sequence[str | Path], output: str | Path) -> Path:
         ReportError: a bad input (see ``gather``), no usable data in any input, or an
             output path that is not a report folder.
     """
-    from .checkpoint import write_dir_atomically
+    from .outputs import write_dir_atomically
 
     if not paths:
         raise ReportError("no input paths given")
@@ -803,5 +804,5 @@ def write_report(paths: Sequence[str | Path], output: str | Path) -> Path:
         images = draw_plots(data, tmp)
         (tmp / "index.html").write_text(render_html(data, images), encoding="utf-8")
 
-    write_dir_atomically(target, write)
+    write_dir_atomically(target, write, kind="report")
     return target / "index.html"

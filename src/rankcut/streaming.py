@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,15 +39,28 @@ from tqdm.auto import tqdm
 from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
-from .checkpoint import MARKER_SUFFIX, write_dir_atomically
+from .checkpoint import MARKER_SUFFIX, record_shard_digests, write_dir_atomically
 from .data import Calibration
-from .errors import CalibrationError, ConfigError, ModelLoadError, UnsupportedModelError
+from .errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from .evaluation import PerplexityResult, split_windows, summarize, window_nll
 from .hooks import InputMomentHooks
 from .hybrid import classic_cost, classic_plan
 from .methods import MethodConfig, method_spec
-from .models import block_index, find_decoder_blocks, select_targets
+from .models import (
+    block_index,
+    check_safetensors_folder,
+    find_decoder_blocks,
+    safetensors_problem,
+    select_targets,
+)
 from .modules import LowRankLinear
+from .outputs import check_replaceable
 from .pipeline import CompressionReport, ModuleResult, _check_inputs, _factorize
 
 logger = logging.getLogger(__name__)
@@ -65,6 +78,7 @@ class ShardReader:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        check_safetensors_folder(folder)  # a cut or corrupt shard: ModelLoadError, now
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -246,7 +260,8 @@ class WorkFolder:
 
     ``.<output name>.rankcut-work<suffix>`` beside the output; each process of a
     distributed run has its own (suffix ``-<rank>-of-<size>``), and they resume only when
-    all of them stopped at the same step (else all start over).
+    all of them stopped at the same step (else all start over). A damaged progress record
+    is logged and the run starts over.
 
     Attributes:
         path: the folder.
@@ -255,10 +270,8 @@ class WorkFolder:
 
     def __init__(self, output: Path, fingerprint: str, suffix: str = "") -> None:
         self.path = output.parent / f".{output.name}{WORK_SUFFIX}{suffix}"
-        record = self.path / PROGRESS
-        progress = json.loads(record.read_text()) if record.is_file() else {}
-        steps = json.dumps({k: v for k, v in progress.items() if k != "results"},
-                           sort_keys=True)
+        progress = _read_progress(self.path / PROGRESS)
+        steps = _steps(progress)
         if suffix and not distributed.agree(steps):
             logger.warning("the processes stopped at different steps; starting over")
             progress = {}
@@ -278,6 +291,16 @@ class WorkFolder:
         """How many units of ``step`` were committed."""
         return int(self.progress.get(step, 0))
 
+    def steps(self) -> str:
+        """The committed steps as canonical JSON (what the processes compare)."""
+        return _steps(self.progress)
+
+    def start_over(self) -> None:
+        """Deletes every work file and the progress record: the run starts from scratch."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.progress = {"fingerprint": self.progress["fingerprint"]}
+
     def commit(self, **updates) -> None:
         """Records ``updates`` in the progress file atomically (write, fsync, rename) and
         logs them with the process's peak RSS so far."""
@@ -289,14 +312,64 @@ class WorkFolder:
         logger.info("committed %s; peak RSS %.0f MiB", steps, peak)
 
     def file(self, kind: str, *parts: int | str) -> Path:
-        """The path of one work file, e.g. ``file("acts", 3, 0)`` → acts/3/0.safetensors."""
-        folder = self.path.joinpath(kind, *map(str, parts[:-1]))
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{parts[-1]}.safetensors"
+        """The path of one work file, e.g. ``file("acts", 3, 0)`` → acts/3/0.safetensors.
+        Side effect: creates its folder."""
+        path = self.where(kind, *parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def where(self, kind: str, *parts: int | str) -> Path:
+        """The path of one work file, as :meth:`file` gives it, without creating anything."""
+        return self.path.joinpath(kind, *map(str, parts[:-1])) / f"{parts[-1]}.safetensors"
 
     def drop(self, kind: str, *parts: int | str) -> None:
         """Deletes a folder of work files that is no longer needed."""
         shutil.rmtree(self.path.joinpath(kind, *map(str, parts)), ignore_errors=True)
+
+
+#: Progress entries that are not step counts.
+_NOT_STEPS = ("fingerprint", "results")
+
+
+def _steps(progress: dict) -> str:
+    """The step counts (and fingerprint) of a progress record as canonical JSON."""
+    return json.dumps({k: v for k, v in progress.items() if k != "results"}, sort_keys=True)
+
+
+def _progress_problem(progress: object) -> str | None:
+    """What makes a parsed progress record unlike any :meth:`WorkFolder.commit` writes,
+    or None."""
+    if not isinstance(progress, dict):
+        return f"a JSON {type(progress).__name__}, not an object"
+    if not isinstance(progress.get("fingerprint"), str):
+        return "no fingerprint"
+    bad = [k for k, v in progress.items() if k not in _NOT_STEPS
+           and (not isinstance(v, int) or isinstance(v, bool) or v < 0)]
+    if bad:
+        return f"step {bad[0]!r} is not a count"
+    results = progress.get("results", [])
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        return "the module results are not a list of objects"
+    return None
+
+
+def _read_progress(record: Path) -> dict:
+    """Returns a work folder's progress record: {} when there is none, and {} with a
+    warning naming it when it is damaged (unreadable, not JSON, or not what
+    :meth:`WorkFolder.commit` writes), so that the run starts over."""
+    if not record.is_file():
+        return {}
+    try:
+        progress = json.loads(record.read_bytes())
+    except (OSError, ValueError) as err:  # ValueError: JSON and UTF-8 decoding errors
+        problem: str | None = str(err)
+    else:
+        problem = _progress_problem(progress)
+    if problem:
+        logger.warning("the progress record %s is damaged (%s); starting over", record,
+                       problem)
+        return {}
+    return progress
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -316,9 +389,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Reads every tensor of a safetensors file."""
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    """Reads every tensor of a work file (safetensors).
+
+    Raises:
+        CheckpointError: the file is missing or damaged; a rerun checks the work files
+            before it resumes and recomputes the damaged steps.
+    """
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"work file {path} is missing or damaged ({err}); run the same "
+                              "command again to recompute it") from err
 
 
 #: glibc's mallopt parameter number for the mmap threshold.
@@ -437,6 +519,7 @@ def compress_streaming(
         calibration = calibration.input_ids
     sm = StreamedModel(source, dtype, device)
     output = Path(output)
+    check_replaceable(output)  # now, not after the whole run
     targets = select_targets(sm.model, include, exclude)
     _check_inputs(sm.model, config, targets, calibration, rank_map, None)
     _check_streamable(config, targets, sm.prefix)
@@ -452,11 +535,12 @@ def compress_streaming(
         grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
         run.idle_steps = distributed.idle_steps(
             len(calibration[:grad_samples].split(config.grad_batch_size)))
-    stored = True
-    if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
+    stored, mode = True, _mode(config, rank_map)
+    run.recover(mode)
+    if mode == "backward":
         run.store_by_backward(scoring=rank_map is None)
         ranks, plans = run.select(rank_map)
-    elif config.allocation == "truncation-loss" and rank_map is None:
+    elif mode == "forward":
         run.store_by_forward()
         ranks, plans = run.select(None)
     else:
@@ -472,6 +556,17 @@ def compress_streaming(
     distributed.barrier()
     shutil.rmtree(work.path, ignore_errors=True)
     return report
+
+
+def _mode(config: MethodConfig, rank_map: dict | None) -> str:
+    """How a streamed run proceeds: ``"backward"`` (forward pass, head, block-wise
+    backward storing every factor, then allocation), ``"forward"`` (factors stored block
+    by block, then allocation) or ``"uniform"`` (ranks known: blocks written directly)."""
+    if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
+        return "backward"
+    if config.allocation == "truncation-loss" and rank_map is None:
+        return "forward"
+    return "uniform"
 
 
 def _calibration_batches(config: MethodConfig, calibration: torch.Tensor | None,
@@ -585,6 +680,85 @@ class _StreamRun:
                 if write_next:
                     save_tensors(self.work.file("acts", index + 1, b), {"h": out})
         return hooks.stats
+
+    # -- resuming ----------------------------------------------------------------------
+
+    def recover(self, mode: str) -> None:
+        """Checks the work files that the committed steps left for the steps still to run
+        (``mode``: see :func:`_mode`): each must exist, and its header and size must be
+        whole. A damaged or missing one is logged with a warning naming it, and the
+        progress goes back to the last step that can recompute it: the step before it for
+        an activation of the forward pass or a block shard written from stored factors,
+        the start otherwise (the inputs of other steps are deleted once used). Side
+        effects: commits the rolled-back progress or deletes the work folder; under
+        torchrun every process starts over unless all kept the same steps.
+        """
+        damaged = [(path, problem, back) for path, back in self._resume_files(mode)
+                   if (problem := safetensors_problem(path))]
+        for path, problem, _ in damaged:
+            logger.warning("work file %s is damaged (%s); recomputing its step", path, problem)
+        backs = [back for _, _, back in damaged]
+        if None in backs:
+            logger.warning("starting over: the damaged work files cannot be recomputed from "
+                           "what is left in %s", self.work.path)
+            self.work.start_over()
+        elif backs:
+            self._roll_back(*min(backs, key=lambda back: back[1]))
+        if distributed.world()[1] > 1 and not distributed.agree(self.work.steps()):
+            logger.warning("the processes kept different steps after checking their work "
+                           "files; starting over")
+            self.work.start_over()
+
+    def _roll_back(self, step: str, count: int) -> None:
+        """Commits ``step=count`` (``forward`` or ``written``), dropping the module results
+        of the blocks that will be written again."""
+        updates: dict = {step: count}
+        if step == "written":
+            kept = sum(len(self.by_block.get(i, [])) for i in range(count))
+            updates["results"] = self.work.progress.get("results", [])[:kept]
+        self.work.commit(**updates)
+
+    def _resume_files(self, mode: str) -> list[tuple[Path, tuple[str, int] | None]]:
+        """The work files the committed progress relies on, each with the step (name,
+        count) to go back to when it is damaged, or None to start over."""
+        work, blocks = self.work, len(self.sm.blocks)
+        captured = work.done("capture") > 0
+        if mode == "backward" and not work.done("head"):  # forward pass: acts/i from acts/i-1
+            return [(f, ("forward", i - 1) if i else None)
+                    for i in range(work.done("forward") + 1 if captured else 0)
+                    for f in self._act_files(i)]
+        if mode == "backward" and work.done("backward") < blocks:  # the block-wise backward
+            left = blocks - work.done("backward")  # blocks 0 .. left-1 are still to go
+            files = [f for i in range(left) for f in self._act_files(i)]
+            files += [work.where("grads", left, b) for b in range(self.grad_batches)]
+            return [(f, None) for f in files + self._factor_files(range(left, blocks))]
+        if mode == "forward" and work.done("stored") < blocks:  # SVD-LLM v2's decompositions
+            acts = self._act_files(work.done("stored")) if captured else []
+            return [(f, None) for f in acts + self._factor_files(range(work.done("stored")))]
+        if mode != "uniform":  # every factor is stored: blocks are written from them
+            return ([(f, None) for f in self._factor_files(range(blocks))]
+                    + self._block_files(rewritable=True))
+        if not (captured and self.config.needs_input_stats):  # blocks need no activations
+            return self._block_files(rewritable=True)
+        written = work.done("written")  # uniform ranks from input statistics
+        acts = self._act_files(written) if written < blocks else []
+        return [(f, None) for f in acts] + self._block_files(rewritable=False)
+
+    def _act_files(self, index: int) -> list[Path]:
+        return [self.work.where("acts", index, b) for b in range(len(self.batches))]
+
+    def _factor_files(self, indices: range) -> list[Path]:
+        """The stored factor files of this process's targets in blocks ``indices``."""
+        return [self.work.where("factors", name) for i in indices
+                for name in distributed.mine(self.by_block.get(i, []))]
+
+    def _block_files(self, rewritable: bool) -> list[tuple[Path, tuple[str, int] | None]]:
+        """The block shards written so far (process 0 writes them), each with the step to
+        go back to when it is damaged: rewriting it when ``rewritable``."""
+        if distributed.world()[0] != 0:
+            return []
+        return [(self.work.where("blocks", f"block-{i:05d}"), ("written", i) if rewritable
+                 else None) for i in range(self.work.done("written"))]
 
     # -- writing the compressed blocks -------------------------------------------------
 
@@ -946,6 +1120,7 @@ def _assemble(sm: StreamedModel, work: WorkFolder, output: Path, tokenizer) -> N
             shutil.copyfile(generation, tmp / generation.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        record_shard_digests(tmp)
 
     write_dir_atomically(output, write)
 
