@@ -291,9 +291,10 @@ def validate_checkpoint(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
-    if leftover_target(path):
+    unfinished = leftover_target(path)
+    if unfinished:
         raise CheckpointError(f"{path} is the unfinished folder of an interrupted save of "
-                              f"{leftover_target(path)}, not a checkpoint")
+                              f"{unfinished}, not a checkpoint")
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError as err:
@@ -322,9 +323,9 @@ def check_rank_map_against_shapes(path: Path, entry: dict) -> None:
 
     Raises:
         CheckpointError: a rank that is not a positive integer or null, a factorized module
-            whose stored factors do not have its rank (int8 rows included) or whose rank
-            exceeds min(m, n), a dense module without its weight, or a ``rank_map.json``
-            that differs from the config's.
+            whose stored factors are missing or do not have its rank (int8 rows included)
+            or whose rank exceeds min(m, n), or a ``rank_map.json`` that differs from the
+            config's.
     """
     rank_map = entry.get("rank_map")
     if not isinstance(rank_map, dict):
@@ -440,14 +441,24 @@ def _shard_files(path: Path) -> list[Path]:
     return [single]
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Returns what is wrong with a safetensors file, or None when it is whole: it exists,
+    its header parses and the file holds every byte the header lists (no tensor is read)."""
+    if not path.is_file():
+        return "the file is missing"
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except Exception as err:  # noqa: BLE001 - safetensors raises several error types
+        return str(err) or type(err).__name__
+
+
 def _check_shard(shard: Path) -> None:
     if not shard.is_file():
         raise CheckpointError(f"shard {shard.name} is missing from {shard.parent}")
-    try:
-        with safe_open(shard, framework="pt"):
-            pass  # opening checks the header and that the file holds every byte it lists
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"shard {shard} is corrupt or truncated: {err}") from err
+    problem = safetensors_problem(shard)
+    if problem:
+        raise CheckpointError(f"shard {shard} is corrupt or truncated: {problem}")
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,

@@ -310,25 +310,16 @@ def _check_compress_args(args: argparse.Namespace, config) -> None:
         ConfigError, CalibrationError: the first argument found wrong.
     """
     from . import models, outputs
-    from .errors import CalibrationError, ConfigError
 
-    for flag, value, least in (("--num-samples", args.num_samples, 1), ("--seqlen", args.seqlen, 2),
-                               ("--batch-size", args.batch_size, 1),
-                               ("--eval-seqlen", args.eval_seqlen, 2),
-                               ("--max-windows", args.max_windows, 1),
-                               ("--image-samples", args.image_samples, 0)):
-        if value is not None and value < least:
-            raise ConfigError(f"{flag} must be at least {least}; got {value}")
-    for flag in ("calib_file", "eval_file"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).expanduser().is_file():
-            raise CalibrationError(f"--{flag.replace('_', '-')} {path}: file not found")
-    if args.calib_file and not (config.needs_input_stats or config.needs_row_fisher
-                                or args.update != "none"):
+    _check_common_args(args, {"--num-samples": (args.num_samples, 1),
+                              "--seqlen": (args.seqlen, 2), "--batch-size": (args.batch_size, 1),
+                              "--eval-seqlen": (args.eval_seqlen, 2),
+                              "--max-windows": (args.max_windows, 1),
+                              "--image-samples": (args.image_samples, 0)},
+                       {"--calib-file": args.calib_file, "--eval-file": args.eval_file})
+    if args.calib_file and not _uses_calibration(args, config):
         logger.warning("--calib-file %s is not used: method %s needs no calibration data",
                        args.calib_file, config.name)
-    if args.json:
-        outputs.check_file_output(args.json)
     default = args.output is None
     args.output = DEFAULT_OUTPUT if default else args.output
     source = models.resolve_model_source(args.model)
@@ -340,7 +331,15 @@ def _check_compress_args(args: argparse.Namespace, config) -> None:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """``eval``'s checks before the model is loaded: window length and count, the
-    evaluation file, the ``--json`` path.
+    evaluation file, the ``--json`` path (see :func:`_check_common_args`)."""
+    _check_common_args(args, {"--seqlen": (args.eval_seqlen, 2),
+                              "--max-windows": (args.max_windows, 1)},
+                       {"--eval-file": args.eval_file})
+
+
+def _check_common_args(args: argparse.Namespace, counts: dict, files: dict) -> None:
+    """Checks what needs no model: each ``{flag: (value, least)}`` count (None = not given),
+    that each ``{flag: path}`` input file exists, and that ``--json`` can be written.
 
     Raises:
         ConfigError, CalibrationError: the first argument found wrong.
@@ -348,21 +347,26 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     from .errors import CalibrationError, ConfigError
     from .outputs import check_file_output
 
-    if args.eval_seqlen < 2:
-        raise ConfigError(f"--seqlen must be at least 2; got {args.eval_seqlen}")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise ConfigError(f"--max-windows must be at least 1; got {args.max_windows}")
-    if args.eval_file is not None and not Path(args.eval_file).expanduser().is_file():
-        raise CalibrationError(f"--eval-file {args.eval_file}: file not found")
+    for flag, (value, least) in counts.items():
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}; got {value}")
+    for flag, path in files.items():
+        if path is not None and not Path(path).expanduser().is_file():
+            raise CalibrationError(f"{flag} {path}: file not found")
     if args.json:
         check_file_output(args.json)
+
+
+def _uses_calibration(args: argparse.Namespace, config) -> bool:
+    """Whether the method or the parameter update reads calibration windows."""
+    return config.needs_input_stats or config.needs_row_fisher or args.update != "none"
 
 
 def _compress_lengths(args: argparse.Namespace, config) -> dict[str, int]:
     """The window lengths this run will use: calibration when it needs data, evaluation
     unless ``--no-eval``."""
     lengths = {}
-    if config.needs_input_stats or config.needs_row_fisher or args.update != "none":
+    if _uses_calibration(args, config):
         lengths["--seqlen"] = args.seqlen
     if not args.no_eval:
         lengths["--eval-seqlen"] = args.eval_seqlen

@@ -166,20 +166,6 @@ def check_gguf(path: Path) -> None:
                              f"tensor data ends at byte {end:,}")
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Returns what is wrong with a safetensors file, or None when it is whole: it exists,
-    its header parses and the file holds every byte the header lists (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        return "the file is missing"
-    try:
-        with safe_open(path, framework="pt"):
-            return None
-    except (OSError, SafetensorError) as err:
-        return str(err) or type(err).__name__
-
-
 def check_safetensors_folder(folder: Path) -> None:
     """Checks the safetensors weights of a (dense) model folder before they are loaded:
     its shard index, when there is one, and every shard it names (headers only).
@@ -187,6 +173,8 @@ def check_safetensors_folder(folder: Path) -> None:
     Raises:
         ModelLoadError: the index or a shard is missing, truncated or corrupt.
     """
+    from .checkpoint import safetensors_problem
+
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -239,20 +227,16 @@ def gguf_as_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path
     Raises:
         ModelLoadError: the file is missing or cannot be loaded.
     """
-    import hashlib
-
     from .assets import COMPLETE_MARKER, build_folder, cache_dir
+    from .checkpoint import file_sha256
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     check_gguf(path)  # before hashing and before anything is written to the cache
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
+    digest = file_sha256(path)
     dtype_name = str(dtype).removeprefix("torch.")
-    target = cache_dir() / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}-{dtype_name}"
+    target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}-{dtype_name}"
     if (target / COMPLETE_MARKER).is_file():
         logger.info("using the cached conversion of %s: %s", path.name, target)
         return target
@@ -265,7 +249,7 @@ def gguf_as_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return build_folder(target, f"{path.name} sha256={digest.hexdigest()}", convert)
+    return build_folder(target, f"{path.name} sha256={digest}", convert)
 
 
 def load_config(source: str | Path | None):

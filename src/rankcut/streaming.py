@@ -39,7 +39,12 @@ from tqdm.auto import tqdm
 from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
-from .checkpoint import MARKER_SUFFIX, record_shard_digests, write_dir_atomically
+from .checkpoint import (
+    MARKER_SUFFIX,
+    record_shard_digests,
+    safetensors_problem,
+    write_dir_atomically,
+)
 from .data import Calibration
 from .errors import (
     CalibrationError,
@@ -56,7 +61,6 @@ from .models import (
     block_index,
     check_safetensors_folder,
     find_decoder_blocks,
-    safetensors_problem,
     select_targets,
 )
 from .modules import LowRankLinear
