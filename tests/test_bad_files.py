@@ -234,7 +234,7 @@ def test_damaged_work_file_is_recomputed_on_resume(tmp_path, calib_ids, monkeypa
     out = tmp_path / "out"
     work = _interrupted(src, out, config, calib_ids, *stop, monkeypatch)
     _damage(work / damaged, how)
-    with caplog.at_level("INFO", logger="rankcut.streaming"):
+    with caplog.at_level("INFO", logger="rankcut"):
         streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
     if damaged == "progress.json":
         assert f"the progress record {work / damaged} is damaged" in caplog.text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import fisher, linalg, pipeline
+from rankcut import engine, fisher, linalg
 from rankcut.errors import ConfigError
 from rankcut.gradients import calibration_gradients
 from rankcut.hooks import InputMomentHooks, OutputMetricHooks
@@ -152,13 +152,13 @@ def test_rank_map_skips_the_loss_gradient_and_reproduces_the_run(calib_ids, monk
     first = tiny_model()
     ranks = rankcut.compress(first, config, calib_ids).rank_map
     calls = []
-    real = pipeline.calibration_gradients
+    real = engine.BlockRun.store_by_backward
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs["weight_grads"])
-        return real(*args, **kwargs)
+    def spy(run, *args, **kwargs):
+        real(run, *args, **kwargs)
+        calls.append(run.weight_grads)
 
-    monkeypatch.setattr(pipeline, "calibration_gradients", spy)
+    monkeypatch.setattr(engine.BlockRun, "store_by_backward", spy)
     second = tiny_model()
     report = rankcut.compress(second, config, calib_ids, rank_map=ranks)
     assert calls == [False] and report.rank_map == ranks

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from rankcut import checkpoint, evaluation, methods, pipeline, streaming
 from rankcut.cli import main
-from rankcut.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from rankcut.errors import ConfigError, ModelLoadError
 
 from .conftest import VOCAB, tiny_model, tiny_tokenizer
 
@@ -54,8 +54,12 @@ CASES = [
     ("llama", "io-svd", {}),
     ("llama", "io-svd", {"kl_mode": "exact", "score": "both", "top_k": 3}),
     ("llama", "io-svd", {"remap": "classic"}),
+    ("llama", "io-svd", {"remap": "loss-aware", "score": "both"}),
+    ("llama", "fwsvd", {"grad_samples": 6}),
     ("qwen2", "zero-sum", {}),
     ("gemma3", "io-svd", {}),
+    ("opt", "io-svd", {}),
+    ("opt", "zero-sum", {"grad_batch_size": 3}),
 ]
 
 
@@ -143,7 +147,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_output(tmp_path, calib_ids, meth
     progress = json.loads((work / streaming.PROGRESS).read_text())
     assert progress[step] == at
     config = methods.make_config(method, ratio=0.3)
-    with caplog.at_level("INFO", logger="rankcut.streaming"):
+    with caplog.at_level("INFO", logger="rankcut"):
         streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
     assert "resuming from" in caplog.text
     streaming.compress_streaming(src, tmp_path / "whole", config, calib_ids, batch_size=4)
@@ -157,16 +161,14 @@ def test_work_folder_of_other_arguments_is_not_resumed(tmp_path, calib_ids, capl
     work = streaming.WorkFolder(out, "another run")
     work.commit(capture=1, written=2, results=[])
     config = methods.make_config("svd-llm", ratio=0.3)
-    with caplog.at_level("WARNING", logger="rankcut.streaming"):
+    with caplog.at_level("WARNING", logger="rankcut"):
         report = streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
     assert "starting over" in caplog.text
     assert len(report.modules) == 14
 
 
 @pytest.mark.parametrize("method,settings,message", [
-    ("fwsvd", {}, "not supported with streaming"),
     ("zero-sum", {"stages": 2}, "correction stages"),
-    ("io-svd", {"remap": "loss-aware"}, "remap classic"),
 ])
 def test_unsupported_streaming_settings_are_refused(tmp_path, calib_ids, method, settings,
                                                     message):
@@ -214,17 +216,39 @@ def test_cli_stream_refuses_update(tmp_path, calib_file, capsys):
     assert "not supported with --stream" in capsys.readouterr().err
 
 
-def test_learned_position_embeddings_allow_uniform_methods_only(tmp_path, calib_ids):
-    src = _sharded(tmp_path, "opt")
-    config = methods.make_config("svd-llm", ratio=0.3)
-    expected = _in_memory(src, config, calib_ids, tmp_path / "memory")
-    report = streaming.compress_streaming(src, tmp_path / "svd-llm", config, calib_ids,
-                                          batch_size=4)
-    assert report.rank_map == expected.rank_map
-    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "svd-llm")
-    with pytest.raises(UnsupportedModelError, match="position embeddings"):
-        streaming.compress_streaming(src, tmp_path / "io", methods.make_config("io-svd"),
-                                     calib_ids, batch_size=4)
+WHOLE_MODEL_CASES = [
+    ("llama", "svd-llm", {}),
+    ("llama", "svd-llm", {"sequential": True}),
+    ("llama", "svd-llm-v2", {}),
+    ("llama", "fwsvd", {"grad_samples": 6}),
+    ("llama", "zero-sum", {"grad_samples": 5, "grad_batch_size": 2}),
+    ("llama", "io-svd", {"kl_mode": "exact", "score": "both", "top_k": 3}),
+    ("llama", "io-svd", {"remap": "loss-aware", "score": "both"}),
+    ("gemma3", "io-svd", {}),
+    ("opt", "io-svd", {}),
+]
+
+
+@pytest.mark.parametrize("kind,method,settings", WHOLE_MODEL_CASES,
+                         ids=[f"{k}-{m}-{'-'.join(s) or 'default'}"
+                              for k, m, s in WHOLE_MODEL_CASES])
+def test_block_engine_equals_the_whole_model_path(calib_ids, kind, method, settings):
+    """The block-wise engine (a forward pass, the head, a backward block by block) gives the
+    factors of one whole-model pass holding every statistic at once (the path correction
+    stages still take), on a Llama, a Gemma 3 and an OPT with learned positions."""
+    config = methods.make_config(method, ratio=0.3, **settings)
+    engine_model, whole_model = tiny_model(kind), tiny_model(kind)
+    report = pipeline.compress(engine_model, config, calib_ids, batch_size=4)
+    reference = pipeline.CompressionReport(method, config.settings())
+    targets = pipeline.select_targets(whole_model)
+    pipeline._compress_whole_model(whole_model, config, targets, pipeline.as_calibration(
+        calib_ids), 4, reference, None)
+    assert report.rank_map == reference.rank_map
+    assert [m.int8 for m in report.modules] == [m.int8 for m in reference.modules]
+    expected = whole_model.state_dict()
+    for key, value in engine_model.state_dict().items():
+        scale = max(1.0, expected[key].float().abs().max().item()) if value.numel() else 1.0
+        torch.testing.assert_close(value, expected[key], atol=1e-5 * scale, rtol=0, msg=key)
 
 
 def test_allocator_settings_apply_on_glibc():

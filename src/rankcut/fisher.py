@@ -74,18 +74,26 @@ def kl_seeds(logits: torch.Tensor, top_k: int, mode: str,
         raise ValueError(f"unknown KL mode {mode!r}; choose one of {', '.join(KL_MODES)}")
     probs, index = top_k_probs(logits, top_k)
     drawn = draw(probs) if draw is not None else kl_draws(probs, mode, generator)
-    drawn = drawn.to(logits.device)
-    shape = logits.shape
+    yield from seeds_from_draws(logits.shape, probs, index, drawn, mode)
+
+
+def seeds_from_draws(shape: torch.Size, probs: torch.Tensor, index: torch.Tensor,
+                     drawn: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
+    """Yields ``kl_seeds``'s pseudo-gradients from its parts: the top-K probabilities and
+    indices of logits of ``shape`` [..., V] and the draws (``kl_draws``) made from them,
+    on ``probs``' device (float32)."""
+    device = probs.device
+    drawn = drawn.to(device)
     if mode == "sample":
-        seed = torch.zeros(shape, dtype=torch.float32, device=logits.device)
+        seed = torch.zeros(shape, dtype=torch.float32, device=device)
         seed.scatter_(-1, index, -probs)
         seed.scatter_add_(-1, index.gather(-1, drawn),
-                          torch.ones(*shape[:-1], 1, device=logits.device))
+                          torch.ones(*shape[:-1], 1, device=device))
         yield seed
         return
     for k in range(probs.shape[-1]):
         root = probs[..., k:k + 1].sqrt() * drawn
-        seed = torch.zeros(shape, dtype=torch.float32, device=logits.device)
+        seed = torch.zeros(shape, dtype=torch.float32, device=device)
         seed.scatter_(-1, index, -probs * root)
         seed.scatter_add_(-1, index[..., k:k + 1], root)
         yield seed

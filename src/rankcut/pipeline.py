@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,110 +33,31 @@ from .allocation import (
 )
 from .blocks import accumulate_block_stats, capture_block_inputs, kwarg_sources, run_block
 from .data import Calibration, as_calibration
-from .errors import CalibrationError, ConfigError
+from .engine import (
+    CompressionReport,
+    ModuleResult,
+    ResidentModel,
+    check_inputs,
+    compress_blocks,
+    factorize,
+)
+from .errors import CalibrationError
 from .gradients import calibration_gradients, calibration_loss
 from .hooks import InputMomentHooks, OutputMetricHooks
 from .hybrid import (
     RowPlan,
     classic_cost,
     classic_plan,
-    factor_bytes,
     loss_aware_plans,
     row_loss_changes,
 )
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks, select_targets
 from .modules import LowRankLinear
-from .update import UpdateConfig, UpdateReport, apply_update
+from .update import UpdateConfig, apply_update
+from .workfolder import WorkFolder
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModuleResult:
-    """What happened to one target module."""
-
-    name: str
-    shape: tuple[int, int]
-    rank: int | None  # None: kept dense (rank at or above break-even)
-    loss: float  # whitened truncation loss Σ discarded σ²
-    relative_loss: float  # loss / Σ σ²
-    seconds: float
-    int8: dict[str, int] = field(default_factory=dict)  # hybrid layout (u_int8, v_int8, …)
-
-    @property
-    def bytes16(self) -> int:
-        """Bytes with 16-bit values (dense or factors), int8 rows and 16-bit scales."""
-        m, n = self.shape
-        if self.rank is None:
-            return 2 * m * n
-        return factor_bytes(m, n, self.rank, self.int8.get("u_int8", 0),
-                            self.int8.get("v_int8", 0))
-
-
-@dataclass
-class CompressionReport:
-    """The outcome of ``compress``: per-module results and the achieved ratio."""
-
-    method: str
-    settings: dict
-    modules: list[ModuleResult] = field(default_factory=list)
-    seconds: float = 0.0
-    stage_losses: list[float] = field(default_factory=list)  # calibration loss after stage k
-    update: UpdateReport | None = None  # the parameter update run after truncation, if any
-
-    @property
-    def dense_params(self) -> int:
-        """Parameters of the target layers before compression."""
-        return sum(m.shape[0] * m.shape[1] for m in self.modules)
-
-    @property
-    def kept_params(self) -> int:
-        """Parameters of the target layers after compression."""
-        return sum(linalg.factored_params(*m.shape, m.rank) for m in self.modules)
-
-    @property
-    def achieved_ratio(self) -> float:
-        """Fraction of target-layer parameters actually removed."""
-        return 1.0 - self.kept_params / max(1, self.dense_params)
-
-    @property
-    def achieved_byte_ratio(self) -> float:
-        """Fraction of the target layers' 16-bit bytes removed (int8 rows counted as such)."""
-        dense = sum(2 * m.shape[0] * m.shape[1] for m in self.modules)
-        return 1.0 - sum(m.bytes16 for m in self.modules) / max(1, dense)
-
-    @property
-    def rank_map(self) -> dict[str, int | None]:
-        """{module name: rank, or None when kept dense}."""
-        return {m.name: m.rank for m in self.modules}
-
-    @property
-    def int8_layout(self) -> dict[str, dict[str, int]]:
-        """{module: its int8 layout (``u_int8``, ``v_int8``, ``v_int8_start``)} for the
-        modules with int8 rows."""
-        return {m.name: m.int8 for m in self.modules if m.int8}
-
-    def quantization_config(self) -> dict:
-        """Returns the ``quantization_config`` entry written into config.json."""
-        from . import __version__
-
-        return {
-            "quant_method": "rankcut",
-            "format_version": FORMAT_VERSION,
-            "rankcut_version": __version__,
-            "method": self.method,
-            "settings": self.settings,
-            "target_ratio": self.settings.get("ratio"),
-            "achieved_ratio": round(self.achieved_ratio, 6),
-            "achieved_byte_ratio": round(self.achieved_byte_ratio, 6),
-            "rank_map": self.rank_map,
-            "int8_layout": self.int8_layout,
-            "update": self.update.settings if self.update else None,
-        }
-
 
 def compress(
     model: nn.Module,
@@ -184,9 +105,39 @@ def compress(
     """
     targets = select_targets(model, include, exclude)
     calibration = None if calibration is None else as_calibration(calibration)
-    _check_inputs(model, config, targets, calibration, rank_map, update)
+    check_inputs(model, config, targets, calibration, rank_map, update)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
+    if _needs_whole_model(model, config, targets, calibration):
+        _compress_whole_model(model, config, targets, calibration, batch_size, report, rank_map)
+    else:
+        ids = None if calibration is None else calibration.input_ids
+        with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
+            work = WorkFolder(Path(folder) / "run", "resident")
+            report.modules = compress_blocks(ResidentModel(model), work, config, targets, ids,
+                                             batch_size, rank_map,
+                                             keep_originals=update is not None)
+    if update is not None:
+        report.update = apply_update(model, update, targets, calibration, batch_size)
+    report.seconds = time.perf_counter() - start
+    model.config.quantization_config = report.quantization_config()
+    return report
+
+
+def _needs_whole_model(model: nn.Module, config: MethodConfig, targets: dict[str, nn.Linear],
+                       calibration: Calibration | None) -> bool:
+    """Whether this run still takes the whole-model path (one backward pass through the
+    whole model, all statistics held at once): correction stages, targets outside the
+    decoder blocks, or image-text calibration. Everything else runs block by block."""
+    prefix, _ = find_decoder_blocks(model)
+    return (getattr(config, "stages", 1) > 1
+            or any(block_index(name, prefix) is None for name in targets)
+            or (calibration is not None and calibration.has_images))
+
+
+def _compress_whole_model(model, config, targets, calibration, batch_size,
+                          report: CompressionReport, rank_map) -> None:
+    """The whole-model path of :func:`_needs_whole_model`'s cases."""
     if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
         _compress_globally(model, config, targets, calibration, batch_size, report, rank_map)
     elif config.allocation == "truncation-loss" and rank_map is None:
@@ -197,52 +148,6 @@ def compress(
         fisher = _row_fisher(model, config, targets, calibration) if config.needs_row_fisher else {}
         _compress_block_by_block(model, config, targets, calibration, batch_size, ranks, report,
                                  fisher)
-    if update is not None:
-        report.update = apply_update(model, update, targets, calibration, batch_size)
-    report.seconds = time.perf_counter() - start
-    model.config.quantization_config = report.quantization_config()
-    return report
-
-
-def _check_inputs(model, config, targets, calibration, rank_map, update) -> None:
-    if update is not None and distributed.world()[1] > 1:
-        raise ConfigError(f"the {update.name} update is not distributed; run it in one process "
-                          "(without torchrun)")
-    if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
-        raise CalibrationError(f"method {config.name!r} needs calibration token ids")
-    if config.needs_input_stats and (calibration is None or calibration.numel() == 0):
-        raise CalibrationError(f"method {config.name!r} needs calibration token ids")
-    if rank_map is not None and set(rank_map) != set(targets):
-        missing = sorted(set(targets) - set(rank_map))[:3]
-        extra = sorted(set(rank_map) - set(targets))[:3]
-        raise ConfigError(f"rank map does not match the target modules (missing {missing}, "
-                          f"unknown {extra})")
-    shapes = {name: (layer.out_features, layer.in_features) for name, layer in targets.items()}
-    if rank_map is not None:
-        _check_rank_map_fits(rank_map, shapes)
-    elif config.allocation == "global" and getattr(config, "remap", None) is None:
-        _check_min_rank_fits(getattr(config, "min_rank", 1), config.ratio, shapes)
-
-
-def _check_rank_map_fits(rank_map: dict, shapes: dict[str, tuple[int, int]]) -> None:
-    """Refuses a rank above min(m, n): it cannot be factorized and used to be cut silently."""
-    for name, rank in rank_map.items():
-        m, n = shapes[name]
-        if rank is not None and rank > min(m, n):
-            raise ConfigError(f"rank map gives {name} rank {rank}, above min(m, n) = "
-                              f"{min(m, n)} of its {m}x{n} weight")
-
-
-def _check_min_rank_fits(min_rank: int, ratio: float, shapes: dict[str, tuple[int, int]]) -> None:
-    """Refuses, before any statistics, a ``min_rank`` whose floor already exceeds the budget."""
-    if min_rank <= 1:
-        return
-    total = sum(m * n for m, n in shapes.values())
-    floor = sum(kept_params(m, n, min(min_rank, m, n)) for m, n in shapes.values())
-    if floor > (1.0 - ratio) * total:
-        raise ConfigError(f"min_rank {min_rank} keeps at least {floor:,} of the {total:,} target "
-                          f"parameters, more than the {(1.0 - ratio) * total:,.0f} that ratio "
-                          f"{ratio} allows; lower min_rank or the ratio")
 
 
 def _compress_block_by_block(model, config, targets, calibration, batch_size, ranks,
@@ -258,7 +163,7 @@ def _compress_block_by_block(model, config, targets, calibration, batch_size, ra
     with torch.no_grad():
         for names, stats in _block_groups(model, config, targets, calibration, batch_size):
             layers = {name: targets[name] for name in names}
-            report.modules.extend(_factorize(model, layers, ranks, decomposer(stats)).values())
+            report.modules.extend(factorize(model, layers, ranks, decomposer(stats)).values())
 
 
 def _row_fisher(model, config, targets, calibration) -> dict[str, torch.Tensor]:
@@ -289,7 +194,7 @@ def _compress_by_truncation_loss(model, config, targets, calibration, batch_size
                                    {n: [(min(shape),)] for n, shape in shapes.items()})
         ranks = loss_balanced_ranks(shapes, {n: v[0] for n, v in sigmas.items()}, config.ratio,
                                     tokens)
-        results = _factorize(model, targets, ranks, lambda name: decompositions.pop(name, None))
+        results = factorize(model, targets, ranks, lambda name: decompositions.pop(name, None))
     report.modules.extend(results.values())
 
 
@@ -315,7 +220,7 @@ def _compress_globally(model, config, targets, calibration, batch_size,
                  for n in decompositions
                  if selection.ranks[n] is not None} if config.stages > 1 else {}
     with torch.no_grad():
-        results = _factorize(model, targets, selection.ranks, decompositions.get, plans)
+        results = factorize(model, targets, selection.ranks, decompositions.get, plans)
     report.stage_losses.extend(_run_correction_stages(
         model, originals, decompositions, selection.ranks, plans, grad_ids, config, results))
     report.modules.extend(results.values())
@@ -461,7 +366,7 @@ def _retruncate(model, dense, steps, scale, decompositions, ranks,
         return linalg.decompose(corrected, old.input_whitening, old.output_whitening)
 
     with torch.no_grad():
-        return _factorize(model, dense, ranks, decompose, plans, log=False)
+        return factorize(model, dense, ranks, decompose, plans, log=False)
 
 
 def _block_groups(model, config, targets, calibration, batch_size):
@@ -532,72 +437,6 @@ def _group_by_block(targets: dict[str, nn.Linear], prefix: str, count: int) -> d
             grouped.setdefault(index, []).append(name)
     return grouped
 
-
-def _factorize(model: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, int | None],
-               decompose: Callable[[str], linalg.Decomposition | None],
-               plans: dict[str, RowPlan] | None = None, log: bool = True
-               ) -> dict[str, ModuleResult]:
-    """Swaps every layer of ``layers`` for its factors at ``ranks`` (None: kept dense).
-
-    The layers go W (the number of processes) at a time: in each group, every rank cuts the
-    modules it owns (``decompose`` returns None for the others), the cuts are broadcast and
-    every rank swaps in all of them. Side effects: replaces modules of ``model``; logs one
-    line per module unless ``log`` is False.
-
-    Returns:
-        {module: its result}, in the order of ``layers``.
-    """
-    names, size = list(layers), distributed.world()[1]
-    results = {}
-    for first in range(0, len(names), size):
-        start, group = time.perf_counter(), names[first:first + size]
-        held = {}
-        for name in group:
-            decomposition = decompose(name)
-            if decomposition is not None:
-                held[name] = _cut(decomposition, ranks[name])
-        cuts = distributed.share(held, {name: _cut_shapes(layers[name], ranks[name])
-                                        for name in group})
-        for name in group:
-            results[name] = _swap(model, name, layers[name], cuts[name], ranks[name],
-                                  (plans or {}).get(name), start, log)
-    return results
-
-
-def _cut(decomposition: linalg.Decomposition, rank: int | None) -> list[torch.Tensor]:
-    """[σ] for a module kept dense, [σ, W_u, W_v] for one cut at ``rank`` (float64)."""
-    factors = decomposition.factors(rank) if rank is not None else ()
-    return [decomposition.sigma, *factors]
-
-
-def _cut_shapes(layer: nn.Linear, rank: int | None) -> list[tuple[int, ...]]:
-    m, n = layer.weight.shape
-    return [(min(m, n),)] + ([(m, rank), (rank, n)] if rank is not None else [])
-
-
-def _swap(model: nn.Module, name: str, layer: nn.Linear, cut: list[torch.Tensor],
-          rank: int | None, plan: RowPlan | None, start: float, log: bool) -> ModuleResult:
-    """Swaps ``layer`` for the factors of ``cut`` (a dense module stays), with the int8
-    rows of ``plan`` when given; logs one line unless ``log`` is False."""
-    m, n = layer.weight.shape
-    sigma = cut[0]
-    kept = sigma.numel() if rank is None else rank
-    loss = float(sigma[kept:].square().sum())
-    total = float(sigma.square().sum()) or 1.0
-    int8 = {}
-    if rank is not None:
-        new = LowRankLinear.from_factors(cut[1], cut[2], layer.bias, dtype=layer.weight.dtype,
-                                         plan=plan)
-        model.set_submodule(name, new.to(layer.weight.device))
-        int8 = {k: v for k, v in new.layout.items() if k != "rank"}
-    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - start,
-                          int8)
-    if log:
-        extra = f" int8 u={int8['u_int8']} v={int8['v_int8']}" if int8 else ""
-        logger.info("%s [%dx%d] rank=%s%s loss=%.4g rel=%.4f %.2fs", name, m, n,
-                    "dense" if rank is None else rank, extra, loss, result.relative_loss,
-                    result.seconds)
-    return result
 
 
 def to_dense(model: nn.Module) -> nn.Module:

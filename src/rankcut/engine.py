@@ -1,0 +1,967 @@
+"""The compression engine: every strategy written once, run block by block over an executor.
+
+A run goes through the decoder blocks one at a time. Calibration activations and
+back-propagated vectors live in a work folder (``rankcut.workfolder``), one file per batch,
+so memory holds one block, its statistics and one batch's activations, never the whole
+model's. Two executors hold the weights:
+
+- ``ResidentModel``: the model is in memory (``rankcut.compress``); compressed layers are
+  swapped into it.
+- ``streaming.StreamedModel``: the model is an empty skeleton and each part is read from
+  the safetensors shards only while it is needed (``rankcut compress --stream``); each
+  compressed block is written to a shard.
+
+The strategies:
+
+- uniform ranks (or a given rank map): each block's statistics are gathered, its layers
+  factorized and swapped in, and its outputs become the next block's inputs;
+- decompose-then-allocate (SVD-LLM v2): every layer is decomposed block by block and its
+  factors stored, then the ranks are allocated from the truncation losses;
+- global selection (zero-sum, io-svd; FWSVD's row Fisher): a forward pass keeps every
+  block's input, the head turns the last one into the loss gradient and IO-SVD's KL seed
+  vectors, and the blocks are recomputed from the top, each back-propagating its vectors to
+  the block below while its layers' statistics (input moments, loss gradients G, output
+  metric C, row Fisher) are accumulated and its layers decomposed; the selection then picks
+  every rank (and the int8 rows of a remap) from what was stored.
+
+Under ``torch.distributed`` every process runs its share of the calibration batches, the
+statistics are summed over processes, each module is decomposed by the process that owns it
+and its factors are broadcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed, fisher, linalg
+from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
+from .blocks import capture_block_inputs, kwarg_sources
+from .checkpoint import safetensors_problem
+from .errors import CalibrationError, ConfigError
+from .hooks import InputMomentHooks
+from .hybrid import (
+    RowPlan,
+    classic_cost,
+    classic_plan,
+    factor_bytes,
+    loss_aware_plans,
+    row_loss_changes,
+)
+from .methods import MethodConfig, method_spec
+from .models import block_index, find_decoder_blocks
+from .modules import LowRankLinear
+from .update import UpdateReport
+from .workfolder import WorkFolder, load_tensors, save_tensors
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModuleResult:
+    """What happened to one target module."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int | None  # None: kept dense (rank at or above break-even)
+    loss: float  # whitened truncation loss Σ discarded σ²
+    relative_loss: float  # loss / Σ σ²
+    seconds: float
+    int8: dict[str, int] = field(default_factory=dict)  # hybrid layout (u_int8, v_int8, …)
+
+    @property
+    def bytes16(self) -> int:
+        """Bytes with 16-bit values (dense or factors), int8 rows and 16-bit scales."""
+        m, n = self.shape
+        if self.rank is None:
+            return 2 * m * n
+        return factor_bytes(m, n, self.rank, self.int8.get("u_int8", 0),
+                            self.int8.get("v_int8", 0))
+
+
+@dataclass
+class CompressionReport:
+    """The outcome of ``compress``: per-module results and the achieved ratio."""
+
+    method: str
+    settings: dict
+    modules: list[ModuleResult] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_losses: list[float] = field(default_factory=list)  # calibration loss after stage k
+    update: UpdateReport | None = None  # the parameter update run after truncation, if any
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the target layers before compression."""
+        return sum(m.shape[0] * m.shape[1] for m in self.modules)
+
+    @property
+    def kept_params(self) -> int:
+        """Parameters of the target layers after compression."""
+        return sum(linalg.factored_params(*m.shape, m.rank) for m in self.modules)
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of target-layer parameters actually removed."""
+        return 1.0 - self.kept_params / max(1, self.dense_params)
+
+    @property
+    def achieved_byte_ratio(self) -> float:
+        """Fraction of the target layers' 16-bit bytes removed (int8 rows counted as such)."""
+        dense = sum(2 * m.shape[0] * m.shape[1] for m in self.modules)
+        return 1.0 - sum(m.bytes16 for m in self.modules) / max(1, dense)
+
+    @property
+    def rank_map(self) -> dict[str, int | None]:
+        """{module name: rank, or None when kept dense}."""
+        return {m.name: m.rank for m in self.modules}
+
+    @property
+    def int8_layout(self) -> dict[str, dict[str, int]]:
+        """{module: its int8 layout (``u_int8``, ``v_int8``, ``v_int8_start``)} for the
+        modules with int8 rows."""
+        return {m.name: m.int8 for m in self.modules if m.int8}
+
+    def quantization_config(self) -> dict:
+        """Returns the ``quantization_config`` entry written into config.json."""
+        from . import __version__
+
+        return {
+            "quant_method": "rankcut",
+            "format_version": FORMAT_VERSION,
+            "rankcut_version": __version__,
+            "method": self.method,
+            "settings": self.settings,
+            "target_ratio": self.settings.get("ratio"),
+            "achieved_ratio": round(self.achieved_ratio, 6),
+            "achieved_byte_ratio": round(self.achieved_byte_ratio, 6),
+            "rank_map": self.rank_map,
+            "int8_layout": self.int8_layout,
+            "update": self.update.settings if self.update else None,
+        }
+
+
+
+def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
+    if update is not None and distributed.world()[1] > 1:
+        raise ConfigError(f"the {update.name} update is not distributed; run it in one process "
+                          "(without torchrun)")
+    if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
+        raise CalibrationError(f"method {config.name!r} needs calibration token ids")
+    if config.needs_input_stats and (calibration is None or calibration.numel() == 0):
+        raise CalibrationError(f"method {config.name!r} needs calibration token ids")
+    if rank_map is not None and set(rank_map) != set(targets):
+        missing = sorted(set(targets) - set(rank_map))[:3]
+        extra = sorted(set(rank_map) - set(targets))[:3]
+        raise ConfigError(f"rank map does not match the target modules (missing {missing}, "
+                          f"unknown {extra})")
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in targets.items()}
+    if rank_map is not None:
+        _check_rank_map_fits(rank_map, shapes)
+    elif config.allocation == "global" and getattr(config, "remap", None) is None:
+        _check_min_rank_fits(getattr(config, "min_rank", 1), config.ratio, shapes)
+
+
+def _check_rank_map_fits(rank_map: dict, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuses a rank above min(m, n): it cannot be factorized and used to be cut silently."""
+    for name, rank in rank_map.items():
+        m, n = shapes[name]
+        if rank is not None and rank > min(m, n):
+            raise ConfigError(f"rank map gives {name} rank {rank}, above min(m, n) = "
+                              f"{min(m, n)} of its {m}x{n} weight")
+
+
+def _check_min_rank_fits(min_rank: int, ratio: float, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuses, before any statistics, a ``min_rank`` whose floor already exceeds the budget."""
+    if min_rank <= 1:
+        return
+    total = sum(m * n for m, n in shapes.values())
+    floor = sum(kept_params(m, n, min(min_rank, m, n)) for m, n in shapes.values())
+    if floor > (1.0 - ratio) * total:
+        raise ConfigError(f"min_rank {min_rank} keeps at least {floor:,} of the {total:,} target "
+                          f"parameters, more than the {(1.0 - ratio) * total:,.0f} that ratio "
+                          f"{ratio} allows; lower min_rank or the ratio")
+
+
+
+def factorize(model: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, int | None],
+               decompose: Callable[[str], linalg.Decomposition | None],
+               plans: dict[str, RowPlan] | None = None, log: bool = True
+               ) -> dict[str, ModuleResult]:
+    """Swaps every layer of ``layers`` for its factors at ``ranks`` (None: kept dense).
+
+    The layers go W (the number of processes) at a time: in each group, every rank cuts the
+    modules it owns (``decompose`` returns None for the others), the cuts are broadcast and
+    every rank swaps in all of them. Side effects: replaces modules of ``model``; logs one
+    line per module unless ``log`` is False.
+
+    Returns:
+        {module: its result}, in the order of ``layers``.
+    """
+    names, size = list(layers), distributed.world()[1]
+    results = {}
+    for first in range(0, len(names), size):
+        start, group = time.perf_counter(), names[first:first + size]
+        held = {}
+        for name in group:
+            decomposition = decompose(name)
+            if decomposition is not None:
+                held[name] = _cut(decomposition, ranks[name])
+        cuts = distributed.share(held, {name: _cut_shapes(layers[name], ranks[name])
+                                        for name in group})
+        for name in group:
+            results[name] = _swap(model, name, layers[name], cuts[name], ranks[name],
+                                  (plans or {}).get(name), start, log)
+    return results
+
+
+def _cut(decomposition: linalg.Decomposition, rank: int | None) -> list[torch.Tensor]:
+    """[σ] for a module kept dense, [σ, W_u, W_v] for one cut at ``rank`` (float64)."""
+    factors = decomposition.factors(rank) if rank is not None else ()
+    return [decomposition.sigma, *factors]
+
+
+def _cut_shapes(layer: nn.Linear, rank: int | None) -> list[tuple[int, ...]]:
+    m, n = layer.weight.shape
+    return [(min(m, n),)] + ([(m, rank), (rank, n)] if rank is not None else [])
+
+
+def _swap(model: nn.Module, name: str, layer: nn.Linear, cut: list[torch.Tensor],
+          rank: int | None, plan: RowPlan | None, start: float, log: bool) -> ModuleResult:
+    """Swaps ``layer`` for the factors of ``cut`` (a dense module stays), with the int8
+    rows of ``plan`` when given; logs one line unless ``log`` is False."""
+    m, n = layer.weight.shape
+    sigma = cut[0]
+    kept = sigma.numel() if rank is None else rank
+    loss = float(sigma[kept:].square().sum())
+    total = float(sigma.square().sum()) or 1.0
+    int8 = {}
+    if rank is not None:
+        new = LowRankLinear.from_factors(cut[1], cut[2], layer.bias, dtype=layer.weight.dtype,
+                                         plan=plan)
+        model.set_submodule(name, new.to(layer.weight.device))
+        int8 = {k: v for k, v in new.layout.items() if k != "rank"}
+    result = ModuleResult(name, (m, n), rank, loss, loss / total, time.perf_counter() - start,
+                          int8)
+    if log:
+        extra = f" int8 u={int8['u_int8']} v={int8['v_int8']}" if int8 else ""
+        logger.info("%s [%dx%d] rank=%s%s loss=%.4g rel=%.4f %.2fs", name, m, n,
+                    "dense" if rank is None else rank, extra, loss, result.relative_loss,
+                    result.seconds)
+    return result
+
+
+
+class Executor(Protocol):
+    """Where a block-wise run finds the model's weights: ``ResidentModel`` (in memory) or
+    ``streaming.StreamedModel`` (read from shards on demand).
+
+    Attributes:
+        model: the model (a skeleton with meta parameters when streamed).
+        prefix, blocks: the decoder block list and its qualified name.
+        device: where blocks are computed.
+    """
+
+    model: nn.Module
+    prefix: str
+    blocks: nn.ModuleList
+    device: torch.device
+
+    def block(self, index: int) -> nn.Module:
+        """Makes decoder block ``index`` usable and returns it."""
+
+    def release(self, module: nn.Module) -> None:
+        """Frees ``module``'s weights if the executor can read them again."""
+
+    def parts(self, modules: list[nn.Module]) -> contextlib.AbstractContextManager:
+        """A context in which ``modules`` are usable."""
+
+    def outside(self, skip_head: bool) -> list[nn.Module]:
+        """The modules outside the decoder blocks that hold parameters."""
+
+    def write_block(self, work: WorkFolder, index: int, ranks: dict) -> None:
+        """Keeps compressed block ``index`` (a shard in ``work`` when streamed)."""
+
+
+def outside_modules(model: nn.Module, blocks: nn.ModuleList, skip_head: bool) -> list[nn.Module]:
+    """The modules outside the decoder blocks that hold parameters (embeddings, norms, the
+    head), without the output embeddings when ``skip_head`` and without the input
+    embeddings otherwise (tied ones are kept: they are the same matrix)."""
+    tied = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    skip = tied if skip_head else embeddings
+    if tied is not None and embeddings is not None and tied.weight is embeddings.weight:
+        skip = None
+    inside = {id(m) for m in blocks.modules()}
+    return [module for module in model.modules()
+            if id(module) not in inside and module is not skip
+            and next(module.parameters(recurse=False), None) is not None]
+
+
+class ResidentModel:
+    """The executor of a model held in memory: every part is always there, and compressed
+    layers are swapped into the model itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.prefix, self.blocks = find_decoder_blocks(model)
+        self.device = next(model.parameters()).device
+
+    def block(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def release(self, module: nn.Module) -> None:
+        """Nothing to free: the weights stay in memory."""
+
+    def parts(self, modules: list[nn.Module]) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def outside(self, skip_head: bool) -> list[nn.Module]:
+        return outside_modules(self.model, self.blocks, skip_head)
+
+    def write_block(self, work: WorkFolder, index: int, ranks: dict) -> None:
+        """Nothing to write: the block was compressed in place."""
+
+
+@contextlib.contextmanager
+def _head_only(sm: Executor):
+    """Makes a forward pass from ``inputs_embeds`` run only the head: empties the decoder
+    block list, and zeroes learned position embeddings (OPT, GPT-2 style), whose values
+    are already in the hidden states the blocks produced."""
+    owner, _, leaf = sm.prefix.rpartition(".")
+    parent = sm.model.get_submodule(owner)
+    tokens = sm.model.get_input_embeddings()
+    positions = [m for m in sm.outside(False) if isinstance(m, nn.Embedding) and m is not tokens]
+    handles = [m.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+               for m in positions]
+    setattr(parent, leaf, nn.ModuleList())
+    try:
+        yield
+    finally:
+        setattr(parent, leaf, sm.blocks)
+        for handle in handles:
+            handle.remove()
+
+
+def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the model's head (final norm, lm_head, any soft-capping) applied to the
+    last block's output ``hidden`` [B, T, H]; the head must be loaded."""
+    with _head_only(sm):
+        return sm.model(inputs_embeds=hidden, use_cache=False).logits
+
+
+def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
+                    targets: dict[str, nn.Linear], calibration: torch.Tensor | None,
+                    batch_size: int, rank_map: dict[str, int | None] | None,
+                    keep_originals: bool = False) -> list[ModuleResult]:
+    """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``.
+
+    Side effects: swaps the factorized layers into ``sm.model`` (and has the executor keep
+    each compressed block: a shard in ``work`` when streamed); frees the replaced layers'
+    weights unless ``keep_originals``; commits every step to ``work`` (a rerun resumes).
+
+    Args:
+        sm: the executor.
+        work: the run's work folder.
+        config: the method and its settings.
+        targets: {name: nn.Linear} inside the decoder blocks.
+        calibration: [N, L] token ids (None for methods without statistics).
+        batch_size: samples per forward pass of the input statistics.
+        rank_map: {module: rank or None} to use instead of the method's allocation.
+        keep_originals: leave the replaced layers intact (a later update refits to them).
+
+    Returns:
+        Every target's result, in block order.
+    """
+    batches, grad_batches = _calibration_batches(config, calibration, batch_size)
+    run = BlockRun(sm, work, config, targets, batches, grad_batches, keep_originals)
+    if config.needs_output_stats and calibration is not None:
+        grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
+        run.idle_steps = distributed.idle_steps(
+            len(calibration[:grad_samples].split(config.grad_batch_size)))
+    mode = _mode(config, rank_map)
+    run.recover(mode)
+    if mode == "backward":
+        run.store_by_backward(scoring=rank_map is None and config.allocation == "global")
+    elif mode == "forward":
+        run.store_by_forward()
+    if mode == "uniform":
+        shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
+        ranks, plans = rank_map or uniform_ranks(shapes, config.ratio), {}
+    else:
+        ranks, plans = run.select(rank_map)
+    run.write_blocks(ranks, plans, stored=mode != "uniform")
+    return [ModuleResult(**{**r, "shape": tuple(r["shape"])}) for r in work.progress["results"]]
+
+
+def _mode(config: MethodConfig, rank_map: dict | None) -> str:
+    """How a streamed run proceeds: ``"backward"`` (forward pass, head, block-wise
+    backward storing every factor, then allocation), ``"forward"`` (factors stored block
+    by block, then allocation) or ``"uniform"`` (ranks known: blocks written directly)."""
+    if config.needs_row_fisher or (config.allocation == "global"
+                                   and (rank_map is None or config.needs_output_stats)):
+        return "backward"
+    if config.allocation == "truncation-loss" and rank_map is None:
+        return "forward"
+    return "uniform"
+
+
+def _calibration_batches(config: MethodConfig, calibration: torch.Tensor | None,
+                         batch_size: int) -> tuple[list[torch.Tensor], int]:
+    """The calibration batches and how many of them (the first) enter the gradients.
+
+    Global methods batch as the whole-model gradient pass does: the first
+    ``grad_samples`` samples in batches of ``grad_batch_size``, then the rest (input
+    statistics only) in batches of the same size.
+    """
+    if calibration is None or calibration.numel() == 0:
+        return [], 0
+    if config.allocation != "global" and not config.needs_row_fisher:
+        return distributed.my_batches(calibration, batch_size), 0
+    grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
+    size = config.grad_batch_size
+    grad = distributed.my_batches(calibration[:grad_samples], size)
+    rank, processes = distributed.world()
+    rest = calibration[grad_samples:] if config.needs_input_stats else calibration[:0]
+    rest = list(rest.split(size))[rank::processes] if len(rest) else []
+    return grad + rest, len(grad)
+
+
+
+class BlockRun:
+    """The steps of one streamed compression, each resumable from the work folder.
+
+    The activations entering block i are the files acts/i/<batch>; each step writes the
+    next block's and deletes the ones no later step reads.
+    """
+
+    def __init__(self, sm: Executor, work: WorkFolder, config: MethodConfig | None,
+                 targets: dict[str, nn.Linear], batches: list[torch.Tensor],
+                 grad_batches: int = 0, keep_originals: bool = False) -> None:
+        self.sm, self.work, self.config, self.targets = sm, work, config, targets
+        self.keep_originals = keep_originals
+        self.batches, self.grad_batches = batches, grad_batches
+        self.idle_steps = 0  # lockstep KL draw steps this process has no batch at
+        self.by_block: dict[int, list[str]] = {}
+        for name in targets:
+            self.by_block.setdefault(block_index(name, sm.prefix), []).append(name)
+        self.sources = kwarg_sources(sm.model, len(sm.blocks))
+        self._kwargs: list[dict] | None = None
+
+    @property
+    def spec(self):
+        return method_spec(self.config.name)
+
+    # -- activations ---------------------------------------------------------------------
+
+    def kwargs(self) -> list[dict]:
+        """The keyword arguments each block gets, per batch. The first call loads the
+        embeddings, captures every batch's first-block input (written to acts/0 unless
+        already committed) and releases the embeddings again."""
+        if self._kwargs is not None:
+            return self._kwargs
+        sm, work = self.sm, self.work
+        needed = [sm.blocks[i] for i in range(max(self.sources))]  # run before the last capture
+        self._kwargs = []
+        with sm.parts(sm.outside(skip_head=True) + needed):
+            for b, ids in enumerate(self.batches):
+                (hidden, kwargs), = capture_block_inputs(sm.model, sm.blocks, [ids])
+                self._kwargs.append(kwargs)
+                if not work.done("capture"):
+                    if not torch.isfinite(hidden).all():
+                        raise CalibrationError("non-finite (NaN/inf) activations at the "
+                                               "input of the first decoder block")
+                    save_tensors(work.file("acts", 0, b), {"h": hidden})
+        work.commit(capture=1)
+        return self._kwargs
+
+    def acts(self, index: int, b: int) -> torch.Tensor:
+        """The input of block ``index`` on batch ``b``."""
+        return load_tensors(self.work.file("acts", index, b), self.sm.device)["h"]
+
+    def run(self, block: nn.Module, index: int, b: int,
+            hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs ``block`` on batch ``b`` (its stored input unless ``hidden`` is given)."""
+        hidden = self.acts(index, b) if hidden is None else hidden
+        out = block(hidden, **self._kwargs[b][self.sources[index]])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def forward(self, block: nn.Module, index: int) -> None:
+        """Writes ``block``'s outputs on every batch as the next block's inputs."""
+        with torch.no_grad():
+            for b in range(len(self.batches)):
+                save_tensors(self.work.file("acts", index + 1, b),
+                             {"h": self.run(block, index, b)})
+
+    def block_stats(self, block, index, names, write_next: bool
+                    ) -> dict[str, linalg.SecondMoment]:
+        """Runs the block on every batch with input hooks on ``names``; ``write_next``
+        also writes its outputs as the next block's inputs."""
+        with InputMomentHooks({n: self.targets[n] for n in names}) as hooks, torch.no_grad():
+            for b in range(len(self.batches)):
+                hooks.new_batch()
+                out = self.run(block, index, b)
+                if write_next:
+                    save_tensors(self.work.file("acts", index + 1, b), {"h": out})
+        return hooks.stats
+
+    # -- resuming ----------------------------------------------------------------------
+
+    def recover(self, mode: str) -> None:
+        """Checks the work files that the committed steps left for the steps still to run
+        (``mode``: see :func:`_mode`): each must exist, and its header and size must be
+        whole. A damaged or missing one is logged with a warning naming it, and the
+        progress goes back to the last step that can recompute it: the step before it for
+        an activation of the forward pass or a block shard written from stored factors,
+        the start otherwise (the inputs of other steps are deleted once used). Side
+        effects: commits the rolled-back progress or deletes the work folder; under
+        torchrun every process starts over unless all kept the same steps.
+        """
+        damaged = [(path, problem, back) for path, back in self._resume_files(mode)
+                   if (problem := safetensors_problem(path))]
+        for path, problem, _ in damaged:
+            logger.warning("work file %s is damaged (%s); recomputing its step", path, problem)
+        backs = [back for _, _, back in damaged]
+        if None in backs:
+            logger.warning("starting over: the damaged work files cannot be recomputed from "
+                           "what is left in %s", self.work.path)
+            self.work.start_over()
+        elif backs:
+            self._roll_back(*min(backs, key=lambda back: back[1]))
+        if distributed.world()[1] > 1 and not distributed.agree(self.work.steps()):
+            logger.warning("the processes kept different steps after checking their work "
+                           "files; starting over")
+            self.work.start_over()
+
+    def _roll_back(self, step: str, count: int) -> None:
+        """Commits ``step=count`` (``forward`` or ``written``), dropping the module results
+        of the blocks that will be written again."""
+        updates: dict = {step: count}
+        if step == "written":
+            kept = sum(len(self.by_block.get(i, [])) for i in range(count))
+            updates["results"] = self.work.progress.get("results", [])[:kept]
+        self.work.commit(**updates)
+
+    def _resume_files(self, mode: str) -> list[tuple[Path, tuple[str, int] | None]]:
+        """The work files the committed progress relies on, each with the step (name,
+        count) to go back to when it is damaged, or None to start over."""
+        work, blocks = self.work, len(self.sm.blocks)
+        captured = work.done("capture") > 0
+        if mode == "backward" and not work.done("head"):  # forward pass: acts/i from acts/i-1
+            return [(f, ("forward", i - 1) if i else None)
+                    for i in range(work.done("forward") + 1 if captured else 0)
+                    for f in self._act_files(i)]
+        if mode == "backward" and work.done("backward") < blocks:  # the block-wise backward
+            left = blocks - work.done("backward")  # blocks 0 .. left-1 are still to go
+            files = [f for i in range(left) for f in self._act_files(i)]
+            files += [work.where("grads", left, b) for b in range(self.grad_batches)]
+            return [(f, None) for f in files + self._factor_files(range(left, blocks))]
+        if mode == "forward" and work.done("stored") < blocks:  # SVD-LLM v2's decompositions
+            acts = self._act_files(work.done("stored")) if captured else []
+            return [(f, None) for f in acts + self._factor_files(range(work.done("stored")))]
+        if mode != "uniform":  # every factor is stored: blocks are written from them
+            return ([(f, None) for f in self._factor_files(range(blocks))]
+                    + self._block_files(rewritable=True))
+        if not (captured and self.config.needs_input_stats):  # blocks need no activations
+            return self._block_files(rewritable=True)
+        written = work.done("written")  # uniform ranks from input statistics
+        acts = self._act_files(written) if written < blocks else []
+        return [(f, None) for f in acts] + self._block_files(rewritable=False)
+
+    def _act_files(self, index: int) -> list[Path]:
+        return [self.work.where("acts", index, b) for b in range(len(self.batches))]
+
+    def _factor_files(self, indices: range) -> list[Path]:
+        """The stored factor files of this process's targets in blocks ``indices``."""
+        return [self.work.where("factors", name) for i in indices
+                for name in distributed.mine(self.by_block.get(i, []))]
+
+    def _block_files(self, rewritable: bool) -> list[tuple[Path, tuple[str, int] | None]]:
+        """The block shards written so far (process 0 writes them), each with the step to
+        go back to when it is damaged: rewriting it when ``rewritable``."""
+        if distributed.world()[0] != 0:
+            return []
+        return [(self.work.where("blocks", f"block-{i:05d}"), ("written", i) if rewritable
+                 else None) for i in range(self.work.done("written"))]
+
+    # -- writing the compressed blocks -------------------------------------------------
+
+    def write_blocks(self, ranks: dict, plans: dict, stored: bool) -> None:
+        """For each block not yet written: loads it, factorizes its targets at ``ranks``
+        (from its input statistics, or from the factors an earlier step ``stored``),
+        writes its shard and, when statistics are gathered here, the next block's inputs
+        (computed after compression with ``config.sequential``). Commits every block."""
+        sm, work, config = self.sm, self.work, self.config
+        needs_acts = config.needs_input_stats and not stored
+        results = work.progress.setdefault("results", [])
+        if needs_acts:
+            self.kwargs()
+        for index in tqdm(range(work.done("written"), len(sm.blocks)),
+                          desc=f"{config.name} blocks", unit="block"):
+            block = sm.block(index)
+            names = self.by_block.get(index, [])
+            after = config.sequential and names  # the next inputs come from the new block
+            stats = self.block_stats(block, index, names, not after) if needs_acts else {}
+            distributed.sum_moments(stats)
+            decompose = functools.partial(self._decompose_owned, set(distributed.mine(names)),
+                                          stats, stored)
+            with torch.no_grad():
+                done = factorize(sm.model, {n: self.targets[n] for n in names}, ranks,
+                                  decompose, plans)
+            for name in names:
+                results.append(asdict(done[name]))
+                if ranks[name] is not None and not self.keep_originals:
+                    self.targets[name].to("meta")  # swapped out: free its weight
+            if needs_acts and after:
+                self.forward(block, index)
+            sm.write_block(work, index, ranks)
+            work.commit(written=index + 1, results=results)
+            work.drop("acts", index)
+            sm.release(block)
+
+    def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, name: str):
+        """The decomposition of ``name`` when this process owns it (else None): its stored
+        factors, or computed from its block's statistics."""
+        if name not in owned:
+            return None
+        if stored:
+            return StoredFactors.load(self.work, name)
+        return self.spec.decompose(self.config, self.targets[name].weight,
+                                   _last_use(stats, name), None)
+
+    # -- methods that decompose everything first, then allocate -------------------------
+
+    def store_by_forward(self) -> None:
+        """SVD-LLM v2: decomposes every target from its block's input statistics and
+        stores the factors, one block per committed step."""
+        sm, work = self.sm, self.work
+        self.kwargs()
+        for index in tqdm(range(work.done("stored"), len(sm.blocks)),
+                          desc=f"{self.config.name} decompose", unit="block"):
+            block = sm.block(index)
+            names = self.by_block.get(index, [])
+            stats = self.block_stats(block, index, names, write_next=True)
+            distributed.sum_moments(stats)
+            with torch.no_grad():
+                for name in distributed.mine(names):
+                    moment = _last_use(stats, name)
+                    decomposition = self.spec.decompose(self.config, self.targets[name].weight,
+                                                        moment, None)
+                    StoredFactors.save(work, name, decomposition, {}, moment.count)
+                    del decomposition, moment
+            work.commit(stored=index + 1)
+            work.drop("acts", index)
+            sm.release(block)
+
+    def store_by_backward(self, scoring: bool) -> None:
+        """Zero-sum / IO-SVD: forward through every block keeping its inputs on disk, loss
+        and KL seed vectors at the head, then a block-wise backward from the top that
+        gathers each block's input statistics, loss gradients and output metric,
+        decomposes its targets and stores their factors and component scores."""
+        config = self.config
+        loss_aware = getattr(config, "remap", None) == "loss-aware"
+        self.weight_grads = config.needs_row_fisher or (
+            getattr(config, "needs_loss_gradients", False) and (scoring or loss_aware))
+        self.seeds = config.top_k if config.needs_output_stats and config.kl_mode == "exact" \
+            else int(config.needs_output_stats)
+        self.kwargs()
+        self._forward_all()
+        self._head_vectors()
+        sm, work = self.sm, self.work
+        for index in tqdm(range(len(sm.blocks) - 1 - work.done("backward"), -1, -1),
+                          desc=f"{config.name} backward", unit="block"):
+            block = sm.block(index)
+            names = self.by_block.get(index, [])
+            stats, outputs, grads = self._backward_block(block, index, names)
+            with torch.no_grad():
+                for name in distributed.mine(names):
+                    moment = _last_use(stats, name)
+                    decomposition = self.spec.decompose(config, self.targets[name].weight,
+                                                        moment, _last_use(outputs, name))
+                    grad = grads.pop(name, None)
+                    extra = {}
+                    if scoring:
+                        extra["scores"] = self.spec.score(config, decomposition, grad)
+                    if loss_aware:  # each row's change is the same at every rank: store all
+                        extra["u_changes"], extra["v_changes"] = row_loss_changes(
+                            decomposition, decomposition.sigma.numel(), grad)
+                    StoredFactors.save(work, name, decomposition, extra,
+                                       moment.count if moment is not None else 0)
+                    del decomposition, moment, grad
+            work.commit(backward=len(sm.blocks) - index)
+            work.drop("grads", index + 1)
+            work.drop("acts", index)
+            sm.release(block)
+
+    def _forward_all(self) -> None:
+        """Runs the original blocks on every batch, keeping every block's inputs."""
+        sm, work = self.sm, self.work
+        for index in tqdm(range(work.done("forward"), len(sm.blocks)), desc="forward",
+                          unit="block"):
+            block = sm.block(index)
+            self.forward(block, index)
+            work.commit(forward=index + 1)
+            sm.release(block)
+
+    def _head_vectors(self) -> None:
+        """Loss and KL seed vectors at the last block's output, per gradient batch."""
+        sm, work, config = self.sm, self.work, self.config
+        if work.done("head"):
+            return
+        top = len(sm.blocks)
+        generator = torch.Generator().manual_seed(getattr(config, "seed", 0))
+
+        def draws(probs):  # every process replays the draws in global batch order
+            return fisher.kl_draws(probs, config.kl_mode, generator)
+
+        total, count = 0.0, 0
+        with sm.parts(sm.outside(skip_head=False)):
+            for b in tqdm(range(self.grad_batches), desc="head", unit="batch"):
+                ids = self.batches[b].to(sm.device)
+                loss, vectors = self._head_batch(self.acts(top, b), ids, draws)
+                total += loss
+                count += ids[:, 1:].numel()
+                save_tensors(work.file("grads", top, b), vectors or {"none": torch.zeros(1)})
+            if self.seeds:
+                for _ in range(self.idle_steps):
+                    distributed.lockstep(None, draws)
+        total, count = distributed.sum_numbers(total, count)
+        logger.info("calibration loss of the original model: %.4f", total / max(count, 1))
+        work.commit(head=1, loss_tokens=count)
+        work.drop("acts", top)
+
+    def _head_batch(self, hidden: torch.Tensor, ids: torch.Tensor, draws
+                    ) -> tuple[float, dict[str, torch.Tensor]]:
+        """The summed loss of one batch and the vectors it seeds at the last block's output:
+        the loss gradient and the KL pseudo-gradients. The head runs one sample at a time
+        (a batch's logits are a run's largest tensors); the KL draws are made once for the
+        whole batch, as a whole-model pass makes them."""
+        sm, config = self.sm, self.config
+        samples = range(hidden.shape[0])
+        if self.seeds:
+            with torch.no_grad():
+                tops = [fisher.top_k_probs(head_logits(sm, hidden[i:i + 1])[:, :-1],
+                                           config.top_k) for i in samples]
+            probs, index = (torch.cat(part) for part in zip(*tops, strict=True))
+            drawn = distributed.lockstep(probs, draws)
+        total, vectors = 0.0, {}
+        for i in samples:
+            h = hidden[i:i + 1].requires_grad_(True)
+            with torch.enable_grad():
+                logits = head_logits(sm, h)[:, :-1]
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[i, 1:], reduction="sum")
+                if not torch.isfinite(loss):
+                    raise CalibrationError("calibration loss is not finite; the model "
+                                           "produced NaN/inf")
+                if self.weight_grads:
+                    vectors.setdefault("loss", []).extend(
+                        torch.autograd.grad(loss, h, retain_graph=True))
+                seeds = fisher.seeds_from_draws(logits.shape, probs[i:i + 1], index[i:i + 1],
+                                                drawn[i:i + 1], config.kl_mode) \
+                    if self.seeds else ()
+                for k, seed in enumerate(seeds):
+                    vectors.setdefault(f"seed{k}", []).extend(torch.autograd.grad(
+                        logits, h, seed.to(logits.device, logits.dtype), retain_graph=True))
+            total += loss.item()
+        return total, {key: torch.cat(parts) for key, parts in vectors.items()}
+
+    def _backward_block(self, block, index, names):
+        """Recomputes ``block`` on every batch: input statistics of its targets on all
+        batches; on gradient batches, the loss gradients of their weights, their output
+        statistics (IO-SVD's metric or FWSVD's row Fisher) and the vectors handed to the
+        block below.
+
+        Returns:
+            ({module: input moment}, {module: output statistics}, {module: G}).
+        """
+        work, config = self.work, self.config
+        layers = {n: self.targets[n] for n in names}
+        sums = {n: torch.zeros(layer.weight.shape) for n, layer in layers.items()}
+        metric = {n: linalg.SecondMoment.zeros(layer.out_features, layer.weight.device)
+                  for n, layer in layers.items()} if self.seeds else {}
+        rows = {n: torch.zeros(layer.out_features, dtype=torch.float64)
+                for n, layer in layers.items()} if config.needs_row_fisher else {}
+        weights = [layer.weight for layer in layers.values()]
+        for w in weights:
+            w.requires_grad_(self.weight_grads)
+        with InputMomentHooks(layers if config.needs_input_stats else {}) as hooks, \
+                _KeptOutputs(layers) as kept:
+            for b in range(len(self.batches)):
+                hooks.new_batch()
+                wanted = b < self.grad_batches
+                hidden = self.acts(index, b).requires_grad_(wanted)
+                with torch.set_grad_enabled(wanted):
+                    out = self.run(block, index, b, hidden)
+                if not wanted:
+                    continue
+                upstream = load_tensors(work.file("grads", index + 1, b), self.sm.device)
+                below = {}
+                if self.weight_grads:
+                    got = torch.autograd.grad(out, [hidden, *weights], upstream["loss"],
+                                              retain_graph=True)
+                    below["loss"] = got[0]
+                    for name, g in zip(layers, got[1:], strict=True):
+                        g = g.float().cpu()
+                        sums[name] += g
+                        if rows:  # FWSVD: Σ_j (∂L_b/∂W_ij)² of this batch
+                            rows[name] += g.double().square().sum(1)
+                for k in range(self.seeds):
+                    outs = [kept.outputs[n] for n in layers]
+                    got = torch.autograd.grad(out, [hidden, *outs], upstream[f"seed{k}"],
+                                              retain_graph=True)
+                    below[f"seed{k}"] = got[0]
+                    for name, g in zip(layers, got[1:], strict=True):
+                        if not torch.isfinite(g).all():
+                            raise CalibrationError(f"non-finite KL pseudo-gradient at {name}")
+                        metric[name].update(g, new_tokens=k == 0)
+                kept.outputs.clear()
+                save_tensors(work.file("grads", index, b), below or {"none": torch.zeros(1)})
+        for w in weights:
+            w.requires_grad_(False)
+        distributed.sum_moments(hooks.stats)
+        distributed.sum_moments(metric)
+        distributed.sum_tensors([*sums.values(), *rows.values()])
+        tokens = work.progress["loss_tokens"]
+        grads = {n: s / tokens for n, s in sums.items()} if self.weight_grads else {}
+        return hooks.stats, rows or metric, grads
+
+    def select(self, rank_map: dict | None) -> tuple[dict, dict]:
+        """Ranks (and int8 row plans) from the stored sigmas and scores, or ``rank_map``."""
+        config = self.config
+        shapes = {n: tuple(t.weight.shape) for n, t in self.targets.items()}
+        remap = getattr(config, "remap", None)
+        if rank_map is not None:
+            ranks = dict(rank_map)
+        elif config.allocation == "uniform":
+            ranks = uniform_ranks(shapes, config.ratio)
+        elif config.allocation == "truncation-loss":
+            stored = self._stored_meta(shapes, scores=False)
+            ranks = loss_balanced_ranks(shapes, {n: s[0] for n, s in stored.items()},
+                                        config.ratio, round(float(stored[next(iter(stored))][1])))
+        else:
+            stored = self._stored_meta(shapes, scores=True)
+            ranks = global_select(shapes, {n: s[1] for n, s in stored.items()},
+                                  config.ratio, config.rule, config.min_rank,
+                                  cost=classic_cost if remap else kept_params).ranks
+        if remap == "classic":
+            plans = {n: classic_plan(*shapes[n], r) for n, r in ranks.items() if r is not None}
+        elif remap == "loss-aware":
+            budget = (1.0 - config.ratio) * sum(2 * m * n for m, n in shapes.values())
+            plans = loss_aware_plans(shapes, ranks, self._row_changes(ranks), budget)
+        else:
+            plans = {}
+        return ranks, plans
+
+    def _row_changes(self, ranks: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{factorized target: (u row changes, v row changes)} at its rank, from the
+        process that stored it."""
+        held = {}
+        for names in self.by_block.values():
+            for name in distributed.mine(names):
+                if ranks[name] is not None:
+                    meta = StoredFactors.read_meta(self.work, name)
+                    held[name] = [meta["u_changes"][:ranks[name]],
+                                  meta["v_changes"][:ranks[name]]]
+        held = distributed.share(held, {n: [(r,)] * 2 for n, r in ranks.items()
+                                        if r is not None})
+        return {name: tuple(value) for name, value in held.items()}
+
+    def _stored_meta(self, shapes: dict, scores: bool) -> dict[str, list[torch.Tensor]]:
+        """{target: [σ, scores or the token count]} from the process that stored it."""
+        held = {}
+        for names in self.by_block.values():
+            for name in distributed.mine(names):
+                meta = StoredFactors.read_meta(self.work, name)
+                last = meta["scores"] if scores else torch.tensor([float(meta["tokens"])])
+                held[name] = [meta["sigma"], last]
+        return distributed.share(held, {n: [(min(m, k),), (min(m, k),) if scores else (1,)]
+                                        for n, (m, k) in shapes.items()})
+
+
+def _last_use(stats: dict[str, linalg.SecondMoment], name: str
+              ) -> linalg.SecondMoment | None:
+    """Pops ``name``'s statistics; when no other module shares them they are marked
+    consumable, so that their mean is computed in place of the sums."""
+    moment = stats.pop(name, None)
+    if moment is not None and not any(other is moment for other in stats.values()):
+        moment.consumable = True
+    return moment
+
+
+class _KeptOutputs:
+    """Forward hooks that keep each layer's latest output (for the output metric)."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers, self.outputs, self._handles = layers, {}, []
+
+    def __enter__(self) -> _KeptOutputs:
+        def keep(name):
+            def hook(module, args, output):
+                if output.requires_grad:
+                    self.outputs[name] = output
+            return hook
+
+        self._handles = [layer.register_forward_hook(keep(name))
+                         for name, layer in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.outputs.clear()
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class StoredFactors:
+    """A decomposition as stored in the work folder: its factors at full rank (float32),
+    ready to be cut, and its singular values. Duck-types ``linalg.Decomposition`` for
+    ``_cut``."""
+
+    w_u: torch.Tensor
+    w_v: torch.Tensor
+    sigma: torch.Tensor
+
+    def truncation_loss(self, rank: int) -> float:
+        return float(self.sigma[rank:].square().sum())
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w_u[:, :rank], self.w_v[:rank]
+
+    @staticmethod
+    def save(work: WorkFolder, name: str, decomposition: linalg.Decomposition,
+             extra: dict[str, torch.Tensor], tokens: int) -> None:
+        """Writes the full-rank factors, σ, the token count and ``extra`` (component
+        ``scores``, int8 row ``u_changes`` / ``v_changes``)."""
+        w_u, w_v = decomposition.factors(decomposition.sigma.numel())
+        tensors = {"w_u": w_u.float(), "w_v": w_v.float(), "sigma": decomposition.sigma,
+                   "tokens": torch.tensor([tokens]), **extra}
+        save_tensors(work.file("factors", name), tensors)
+
+    @classmethod
+    def load(cls, work: WorkFolder, name: str) -> StoredFactors:
+        t = load_tensors(work.file("factors", name))
+        return cls(t["w_u"].double(), t["w_v"].double(), t["sigma"])
+
+    @staticmethod
+    def read_meta(work: WorkFolder, name: str) -> dict:
+        with safe_open(work.file("factors", name), framework="pt") as f:
+            keys = set(f.keys())
+            meta = {key: f.get_tensor(key) if key in keys else None
+                    for key in ("sigma", "scores", "u_changes", "v_changes")}
+            return {**meta, "tokens": int(f.get_tensor("tokens")[0])}
+
+
