@@ -409,7 +409,7 @@ def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
 
 
 def _mode(config: MethodConfig, rank_map: dict | None) -> str:
-    """How a streamed run proceeds: ``"backward"`` (forward pass, head, block-wise
+    """How a block-wise run proceeds: ``"backward"`` (forward pass, head, block-wise
     backward storing every factor, then allocation), ``"forward"`` (factors stored block
     by block, then allocation) or ``"uniform"`` (ranks known: blocks written directly)."""
     if config.needs_row_fisher or (config.allocation == "global"
@@ -443,7 +443,8 @@ def _calibration_batches(config: MethodConfig, calibration: torch.Tensor | None,
 
 
 class BlockRun:
-    """The steps of one streamed compression, each resumable from the work folder.
+    """The steps of one block-wise compression over an executor, each resumable from the
+    work folder.
 
     The activations entering block i are the files acts/i/<batch>; each step writes the
     next block's and deletes the ones no later step reads.
