@@ -749,15 +749,17 @@ class BlockRun:
                     ) -> tuple[float, dict[str, torch.Tensor]]:
         """The summed loss of one batch and the vectors it seeds at the last block's output:
         the loss gradient and the KL pseudo-gradients. The head runs one sample at a time
-        (a batch's logits are a run's largest tensors); the KL draws are made once for the
-        whole batch, as a whole-model pass makes them."""
+        (a batch's logits are a run's largest tensors). The KL draws come in the order of a
+        whole-batch draw: sample by sample in one process (the CPU generator gives the same
+        numbers in pieces), for the whole batch first under torch.distributed, where every
+        process replays every batch's draws in global batch order."""
         sm, config = self.sm, self.config
         samples = range(hidden.shape[0])
-        if self.seeds:
+        drawn = None
+        if self.seeds and distributed.world()[1] > 1:
             with torch.no_grad():
-                tops = [fisher.top_k_probs(head_logits(sm, hidden[i:i + 1])[:, :-1],
-                                           config.top_k) for i in samples]
-            probs, index = (torch.cat(part) for part in zip(*tops, strict=True))
+                probs = torch.cat([fisher.top_k_probs(head_logits(sm, hidden[i:i + 1])[:, :-1],
+                                                      config.top_k)[0] for i in samples])
             drawn = distributed.lockstep(probs, draws)
         total, vectors = 0.0, {}
         for i in samples:
@@ -771,14 +773,20 @@ class BlockRun:
                 if self.weight_grads:
                     vectors.setdefault("loss", []).extend(
                         torch.autograd.grad(loss, h, retain_graph=True))
-                seeds = fisher.seeds_from_draws(logits.shape, probs[i:i + 1], index[i:i + 1],
-                                                drawn[i:i + 1], config.kl_mode) \
-                    if self.seeds else ()
-                for k, seed in enumerate(seeds):
+                for k, seed in enumerate(self._seeds(logits.detach(), drawn, i, draws)):
                     vectors.setdefault(f"seed{k}", []).extend(torch.autograd.grad(
                         logits, h, seed.to(logits.device, logits.dtype), retain_graph=True))
             total += loss.item()
         return total, {key: torch.cat(parts) for key, parts in vectors.items()}
+
+    def _seeds(self, logits: torch.Tensor, drawn: torch.Tensor | None, i: int, draws):
+        """The KL pseudo-gradients of sample ``i``'s ``logits`` (none without an output
+        metric), from the batch's ``drawn`` when given, else drawn now."""
+        if not self.seeds:
+            return ()
+        probs, index = fisher.top_k_probs(logits, self.config.top_k)
+        mine = drawn[i:i + 1] if drawn is not None else draws(probs)
+        return fisher.seeds_from_draws(logits.shape, probs, index, mine, self.config.kl_mode)
 
     def _backward_block(self, block, index, names):
         """Recomputes ``block`` on every batch: input statistics of its targets on all
