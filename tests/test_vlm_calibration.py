@@ -101,6 +101,26 @@ def test_images_reach_the_tower_statistics_and_only_the_tower_changes(tmp_path, 
         assert torch.equal(checkpoint.from_pretrained(tmp_path / "vlm")(**batch).logits, logits)
 
 
+@pytest.mark.parametrize("layout", ["llava", "smolvlm"])
+@pytest.mark.parametrize("method,settings", [("svd-llm", {}), ("fwsvd", {}),
+                                             ("io-svd", {"score": "both"})])
+def test_image_calibration_block_engine_equals_the_whole_model_path(layout, method, settings):
+    """With image samples the block-wise engine (the head's loss counting labelled tokens
+    only) gives the factors of one whole-model pass."""
+    config = methods.make_config(method, ratio=0.3, **settings)
+    calib = image_calibration(layout)
+    engine_model, whole_model = tiny_vlm(layout), tiny_vlm(layout)
+    report = pipeline.compress(engine_model, config, calib, batch_size=3)
+    reference = pipeline.CompressionReport(method, config.settings())
+    pipeline._compress_whole_model(whole_model, config, pipeline.select_targets(whole_model),
+                                   calib, 3, reference, None)
+    assert report.rank_map == reference.rank_map
+    expected = whole_model.state_dict()
+    for key, value in engine_model.state_dict().items():
+        scale = max(1.0, expected[key].abs().max().item())
+        torch.testing.assert_close(value, expected[key], atol=1e-5 * scale, rtol=0, msg=key)
+
+
 @pytest.mark.parametrize("method", ["asvd", "fwsvd", "svd-llm", "svd-llm-v2", "zero-sum",
                                     "io-svd"])
 def test_include_adds_the_projector_with_image_statistics(tmp_path, method):
@@ -170,14 +190,59 @@ def test_refit_runs_on_images_and_lora_refuses_them():
                           update=update.make_update("lora"))
 
 
-def test_streaming_refuses_image_calibration(tmp_path):
+@pytest.mark.parametrize("layout", ["llava", "smolvlm"])
+@pytest.mark.parametrize("method", ["svd-llm", "io-svd"])
+def test_streamed_image_calibration_equals_in_memory(tmp_path, layout, method):
+    """A vision-language model streams from its shards (vision side loaded with the
+    embeddings), image samples included, to the factors of the in-memory run."""
     from rankcut import streaming
 
-    tiny_vlm("llava").save_pretrained(tmp_path / "vlm")
-    with pytest.raises(ConfigError, match="not supported with streaming"):
-        streaming.compress_streaming(tmp_path / "vlm", tmp_path / "out",
-                                     methods.make_config("svd-llm", ratio=0.3),
-                                     image_calibration("llava"))
+    tiny_vlm(layout).save_pretrained(tmp_path / "vlm", max_shard_size="50KB")
+    assert len(list((tmp_path / "vlm").glob("*.safetensors"))) > 2
+    config = methods.make_config(method, ratio=0.3)
+    calib = image_calibration(layout)
+    model = tiny_vlm(layout)
+    expected = pipeline.compress(model, config, calib, batch_size=3)
+    checkpoint.save_pretrained(model, tmp_path / "memory")
+    report = streaming.compress_streaming(tmp_path / "vlm", tmp_path / "streamed", config, calib,
+                                          batch_size=3)
+    assert report.rank_map == expected.rank_map
+    streamed = checkpoint.from_pretrained(tmp_path / "streamed").state_dict()
+    for key, value in checkpoint.from_pretrained(tmp_path / "memory").state_dict().items():
+        scale = max(1.0, value.float().abs().max().item()) if value.numel() else 1.0
+        torch.testing.assert_close(streamed[key].float(), value.float(), atol=1e-5 * scale,
+                                   rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_cli_stream_with_image_calibration(tmp_path):
+    """`compress --stream --calib-images` on the LLaVA-layout test VLM: the processor comes
+    from the model folder and is saved with the output, only tower modules are ranked."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from rankcut import vlm_assets
+
+    out = tmp_path / "out"
+    assert main(["compress", "--model", "smollm2-llava", "--stream", "--method", "svd-llm",
+                 "--ratio", "0.3", "--num-samples", "2", "--seqlen", "128", "--image-samples",
+                 "1", "--calib-images", "captions", "--no-eval", "--output", str(out)]) == 0
+    ranks = json.loads((out / "rank_map.json").read_text())
+    tower = models.language_tower(tiny_vlm("llava"))[0]
+    assert ranks and all(name.startswith(f"{tower}.layers.") for name in ranks)
+    assert AutoProcessor.from_pretrained(out).image_processor is not None
+    source = vlm_assets.ensure_test_vlm("llava")
+    assert json.loads((out / "config.json").read_text())["model_type"] == json.loads(
+        (source / "config.json").read_text())["model_type"]
+    reloaded = checkpoint.from_pretrained(out)
+    assert any(isinstance(m, rankcut_low_rank()) for m in reloaded.modules())
+
+
+def rankcut_low_rank():
+    from rankcut import LowRankLinear
+
+    return LowRankLinear
 
 
 def test_image_options_need_a_vision_language_model(model_dir, tmp_path, capsys):
@@ -186,8 +251,10 @@ def test_image_options_need_a_vision_language_model(model_dir, tmp_path, capsys)
               "--num-samples", "2", "--seqlen", "16", "--output", str(tmp_path / "o")]
     assert main([*common, "--calib-images", "captions", "--no-eval"]) == 2
     assert "--calib-images needs a vision-language model" in capsys.readouterr().err
-    assert main([*common, "--stream", "--calib-images", "captions", "--eval-seqlen", "64"]) == 2
-    assert "not supported with --stream" in capsys.readouterr().err
+    assert main([*common, "--stream", "--calib-images", "captions", "--no-eval"]) == 2
+    assert "--calib-images needs a vision-language model" in capsys.readouterr().err
+    assert main([*common, "--stream", "--eval-images", "captions", "--eval-seqlen", "64"]) == 2
+    assert "--eval-images is not supported with --stream" in capsys.readouterr().err
     assert main(["eval", str(model_dir), "--eval-images", "captions", "--seqlen", "64"]) == 2
     assert "--eval-images needs a vision-language model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -399,9 +399,10 @@ def _compress_locked(args: argparse.Namespace, device: str, dtype, config, updat
 
     rank = distributed.world()[0]
     start = time.perf_counter()
-    if args.stream and (args.calib_images or args.eval_images):
-        raise update.ConfigError("--calib-images and --eval-images are not supported with "
-                                 "--stream; compress the vision-language model in memory")
+    if args.stream and args.eval_images:
+        raise update.ConfigError("--eval-images is not supported with --stream (the caption "
+                                 "perplexity runs the whole model); evaluate the output with "
+                                 "`rankcut eval --eval-images` afterwards")
     if args.stream:
         if update_config is not None:
             raise update.ConfigError("--update is not supported with --stream")
@@ -485,7 +486,6 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
         (output folder, report, dense perplexity, perplexity, dense bytes, output bytes).
     """
     import torch
-    from transformers import AutoTokenizer
 
     from . import checkpoint, distributed, models, streaming
     from .errors import ModelLoadError
@@ -496,7 +496,12 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
         folder = str(models.gguf_as_folder(folder, dtype))
     if not Path(folder).is_dir():
         raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model_config = models.load_config(folder)
+    _check_images(args, model_config, folder)
+    tokenizer = models.load_saved_tokenizer(folder, models.is_vision_language(model_config))
+    if tokenizer is None:
+        raise ModelLoadError(f"{folder} has no tokenizer files; --stream reads the tokenizer "
+                             "from the model folder")
     calib = _calibration(args, config, tokenizer, always=False)
     streaming.trim_heap()  # the tokenizer's work on the whole calibration text
     rank = distributed.world()[0]

@@ -50,6 +50,7 @@ from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
 from .checkpoint import safetensors_problem
+from .data import IGNORE, Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .hooks import InputMomentHooks
 from .hybrid import (
@@ -365,7 +366,7 @@ def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
-                    targets: dict[str, nn.Linear], calibration: torch.Tensor | None,
+                    targets: dict[str, nn.Linear], calibration: Calibration | None,
                     batch_size: int, rank_map: dict[str, int | None] | None,
                     keep_originals: bool = False) -> list[ModuleResult]:
     """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``.
@@ -379,7 +380,8 @@ def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
         work: the run's work folder.
         config: the method and its settings.
         targets: {name: nn.Linear} inside the decoder blocks.
-        calibration: [N, L] token ids (None for methods without statistics).
+        calibration: the calibration samples, token ids or image-text (None for methods
+            without statistics).
         batch_size: samples per forward pass of the input statistics.
         rank_map: {module: rank or None} to use instead of the method's allocation.
         keep_originals: leave the replaced layers intact (a later update refits to them).
@@ -420,7 +422,7 @@ def _mode(config: MethodConfig, rank_map: dict | None) -> str:
     return "uniform"
 
 
-def _calibration_batches(config: MethodConfig, calibration: torch.Tensor | None,
+def _calibration_batches(config: MethodConfig, calibration: Calibration | None,
                          batch_size: int) -> tuple[list[torch.Tensor], int]:
     """The calibration batches and how many of them (the first) enter the gradients.
 
@@ -732,10 +734,11 @@ class BlockRun:
         total, count = 0.0, 0
         with sm.parts(sm.outside(skip_head=False)):
             for b in tqdm(range(self.grad_batches), desc="head", unit="batch"):
-                ids = self.batches[b].to(sm.device)
-                loss, vectors = self._head_batch(self.acts(top, b), ids, draws)
+                batch = as_calibration(self.batches[b])
+                loss, vectors = self._head_batch(self.acts(top, b),
+                                                 batch.targets.to(sm.device), draws)
                 total += loss
-                count += ids[:, 1:].numel()
+                count += batch.predicted
                 save_tensors(work.file("grads", top, b), vectors or {"none": torch.zeros(1)})
             if self.seeds:
                 for _ in range(self.idle_steps):
@@ -745,10 +748,11 @@ class BlockRun:
         work.commit(head=1, loss_tokens=count)
         work.drop("acts", top)
 
-    def _head_batch(self, hidden: torch.Tensor, ids: torch.Tensor, draws
+    def _head_batch(self, hidden: torch.Tensor, targets: torch.Tensor, draws
                     ) -> tuple[float, dict[str, torch.Tensor]]:
         """The summed loss of one batch and the vectors it seeds at the last block's output:
-        the loss gradient and the KL pseudo-gradients. The head runs one sample at a time
+        the loss gradient (of the ``targets`` tokens, ``IGNORE`` where none is predicted)
+        and the KL pseudo-gradients. The head runs one sample at a time
         (a batch's logits are a run's largest tensors). The KL draws come in the order of a
         whole-batch draw: sample by sample in one process (the CPU generator gives the same
         numbers in pieces), for the whole batch first under torch.distributed, where every
@@ -766,16 +770,19 @@ class BlockRun:
             h = hidden[i:i + 1].requires_grad_(True)
             with torch.enable_grad():
                 logits = head_logits(sm, h)[:, :-1]
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[i, 1:], reduction="sum")
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[i],
+                                       ignore_index=IGNORE, reduction="sum")
                 if not torch.isfinite(loss):
                     raise CalibrationError("calibration loss is not finite; the model "
                                            "produced NaN/inf")
                 if self.weight_grads:
                     vectors.setdefault("loss", []).extend(
                         torch.autograd.grad(loss, h, retain_graph=True))
+                counted = (targets[i] != IGNORE)[None, :, None]  # unpredicted: no KL term
                 for k, seed in enumerate(self._seeds(logits.detach(), drawn, i, draws)):
+                    seed = seed.to(logits.device) * counted.to(logits.device, seed.dtype)
                     vectors.setdefault(f"seed{k}", []).extend(torch.autograd.grad(
-                        logits, h, seed.to(logits.device, logits.dtype), retain_graph=True))
+                        logits, h, seed.to(logits.dtype), retain_graph=True))
             total += loss.item()
         return total, {key: torch.cat(parts) for key, parts in vectors.items()}
 

@@ -108,14 +108,13 @@ def compress(
     check_inputs(model, config, targets, calibration, rank_map, update)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    if _needs_whole_model(model, config, targets, calibration):
+    if _needs_whole_model(model, config, targets):
         _compress_whole_model(model, config, targets, calibration, batch_size, report, rank_map)
     else:
-        ids = None if calibration is None else calibration.input_ids
         with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
             work = WorkFolder(Path(folder) / "run", "resident")
-            report.modules = compress_blocks(ResidentModel(model), work, config, targets, ids,
-                                             batch_size, rank_map,
+            report.modules = compress_blocks(ResidentModel(model), work, config, targets,
+                                             calibration, batch_size, rank_map,
                                              keep_originals=update is not None)
     if update is not None:
         report.update = apply_update(model, update, targets, calibration, batch_size)
@@ -124,15 +123,14 @@ def compress(
     return report
 
 
-def _needs_whole_model(model: nn.Module, config: MethodConfig, targets: dict[str, nn.Linear],
-                       calibration: Calibration | None) -> bool:
+def _needs_whole_model(model: nn.Module, config: MethodConfig,
+                       targets: dict[str, nn.Linear]) -> bool:
     """Whether this run still takes the whole-model path (one backward pass through the
-    whole model, all statistics held at once): correction stages, targets outside the
-    decoder blocks, or image-text calibration. Everything else runs block by block."""
+    whole model, all statistics held at once): correction stages or targets outside the
+    decoder blocks. Everything else runs block by block."""
     prefix, _ = find_decoder_blocks(model)
     return (getattr(config, "stages", 1) > 1
-            or any(block_index(name, prefix) is None for name in targets)
-            or (calibration is not None and calibration.has_images))
+            or any(block_index(name, prefix) is None for name in targets))
 
 
 def _compress_whole_model(model, config, targets, calibration, batch_size,

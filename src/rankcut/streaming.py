@@ -39,7 +39,7 @@ from .checkpoint import (
     record_shard_digests,
     write_dir_atomically,
 )
-from .data import Calibration
+from .data import Calibration, as_calibration
 from .engine import (
     BlockRun,
     CompressionReport,
@@ -55,9 +55,11 @@ from .errors import (
 from .evaluation import PerplexityResult, split_windows, summarize, window_nll
 from .methods import MethodConfig
 from .models import (
+    auto_model_class,
     block_index,
     check_safetensors_folder,
     find_decoder_blocks,
+    is_vision_language,
     select_targets,
 )
 from .modules import LowRankLinear
@@ -97,6 +99,24 @@ class ShardReader:
         else:
             raise ModelLoadError(f"{folder} has no model.safetensors or index: streaming needs "
                                  "a Hugging Face folder of safetensors shards")
+        self._stored = {name: name for name in self.weight_map}
+
+    def use_model_names(self, model: nn.Module) -> None:
+        """Names the tensors as ``model`` does where transformers renames a checkpoint's
+        keys on loading (LLaVA's ``language_model.model.*`` is ``model.language_model.*``);
+        reads still use the stored names. Side effect: rekeys ``weight_map``."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model)
+                     if isinstance(t, WeightRenaming)]
+        if not renamings:
+            return
+        meta = model.state_dict()
+        renamed = {stored: rename_source_key(stored, renamings, [], model.base_model_prefix,
+                                             meta)[0] for stored in self.weight_map}
+        self._stored = {name: stored for stored, name in renamed.items()}
+        self.weight_map = {renamed[stored]: file for stored, file in self.weight_map.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -104,7 +124,7 @@ class ShardReader:
     def get(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """Returns the tensor ``name`` cast to ``dtype`` on ``device``."""
         with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
-            tensor = f.get_tensor(name)
+            tensor = f.get_tensor(self._stored[name])
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.to(device)
@@ -124,7 +144,7 @@ class StreamedModel:
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.folder = Path(folder).expanduser()
         if not (self.folder / "config.json").is_file():
@@ -136,7 +156,9 @@ class StreamedModel:
         if isinstance(entry, dict):
             del config.quantization_config
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+            model_class = auto_model_class(is_vision_language(config))
+            self.model = model_class.from_config(config, dtype=dtype).eval()
+        self.reader.use_model_names(self.model)
         self.model.tie_weights()  # tied parameters become one object, loaded once
         if isinstance(entry, dict) and entry.get("quant_method") == "rankcut":
             from .checkpoint import replace_with_low_rank
@@ -234,7 +256,7 @@ class StreamSettings:
     source: str
     output: str
     config: MethodConfig
-    calibration: torch.Tensor | None
+    calibration: Calibration | None
     include: list[str] | None
     exclude: list[str] | None
     batch_size: int
@@ -256,7 +278,11 @@ class StreamSettings:
             "calib_shape": None if calib is None else list(calib.shape),
         }, sort_keys=True).encode())
         if calib is not None:
-            digest.update(calib.to(torch.int64).numpy().tobytes())
+            for ids in (calib.input_ids, calib.labels):
+                digest.update(ids.to(torch.int64).numpy().tobytes())
+            for image in calib.images:
+                for key, value in sorted((image or {}).items()):
+                    digest.update(key.encode() + value.float().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
 
@@ -294,15 +320,11 @@ def compress_streaming(
         The report, as ``pipeline.compress`` gives it.
 
     Raises:
-        ConfigError: a setting streaming does not support (correction stages, a
-            loss-aware int8 remap, FWSVD's per-sample Fisher, image calibration).
+        ConfigError: a setting streaming does not support yet (correction stages,
+            targets outside the decoder blocks).
         ModelLoadError, CalibrationError, UnsupportedModelError: as ``pipeline.compress``.
     """
-    if isinstance(calibration, Calibration):
-        if calibration.has_images:
-            raise ConfigError("image-text calibration is not supported with streaming; "
-                              "compress the vision-language model in memory")
-        calibration = calibration.input_ids
+    calibration = None if calibration is None else as_calibration(calibration)
     sm = StreamedModel(source, dtype, device)
     output = Path(output)
     check_replaceable(output)  # now, not after the whole run
