@@ -115,7 +115,7 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, calib_ids):
 
 
 KILLER = """
-import os, signal, sys, torch
+import json, os, signal, sys, torch
 from rankcut import methods, streaming
 step, at = sys.argv[3], int(sys.argv[4])
 commit = streaming.WorkFolder.commit
@@ -124,29 +124,34 @@ def commit_then_die(self, **updates):
     if updates.get(step) == at:
         os.kill(os.getpid(), signal.SIGKILL)
 streaming.WorkFolder.commit = commit_then_die
-config = methods.make_config(sys.argv[5], ratio=0.3)
+config = methods.make_config(sys.argv[5], ratio=0.3, **json.loads(sys.argv[7]))
 ids = torch.load(sys.argv[6])
 streaming.compress_streaming(sys.argv[1], sys.argv[2], config, ids, batch_size=4)
 """
 
 
-@pytest.mark.parametrize("method,step,at", [("svd-llm", "written", 1),
-                                            ("io-svd", "backward", 1),
-                                            ("io-svd", "written", 1)])
-def test_sigkill_then_rerun_resumes_to_the_same_output(tmp_path, calib_ids, method, step, at,
-                                                      caplog):
+RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
+           ("io-svd", {}, "written", 1), ("fwsvd", {"grad_samples": 6}, "backward", 1),
+           ("io-svd", {"remap": "loss-aware", "score": "both"}, "backward", 1)]
+
+
+@pytest.mark.parametrize("method,settings,step,at", RESUMED,
+                         ids=[f"{m}-{'-'.join(s) or 'default'}-{k}" for m, s, k, _ in RESUMED])
+def test_sigkill_then_rerun_resumes_to_the_same_output(tmp_path, calib_ids, method, settings,
+                                                      step, at, caplog):
     src = _sharded(tmp_path)
     ids_file = tmp_path / "ids.pt"
     torch.save(calib_ids, ids_file)
     out = tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLER), str(src), str(out),
-                             step, str(at), method, str(ids_file)], capture_output=True)
+                             step, str(at), method, str(ids_file), json.dumps(settings)],
+                            capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert not out.exists()  # no output folder until the run is whole
     work = tmp_path / f".out{streaming.WORK_SUFFIX}"
     progress = json.loads((work / streaming.PROGRESS).read_text())
     assert progress[step] == at
-    config = methods.make_config(method, ratio=0.3)
+    config = methods.make_config(method, ratio=0.3, **settings)
     with caplog.at_level("INFO", logger="rankcut"):
         streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
     assert "resuming from" in caplog.text

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -52,7 +53,7 @@ from .errors import (
     ConfigError,
     ModelLoadError,
 )
-from .evaluation import PerplexityResult, split_windows, summarize, window_nll
+from .evaluation import PerplexityResult, split_windows, summarize
 from .methods import MethodConfig
 from .models import (
     auto_model_class,
@@ -104,7 +105,10 @@ class ShardReader:
     def use_model_names(self, model: nn.Module) -> None:
         """Names the tensors as ``model`` does where transformers renames a checkpoint's
         keys on loading (LLaVA's ``language_model.model.*`` is ``model.language_model.*``);
-        reads still use the stored names. Side effect: rekeys ``weight_map``."""
+        reads still use the stored names. A stored name is renamed only when the model has
+        the new name and not the stored one (transformers' legacy renamings would also
+        turn rankcut's ``weight_v`` into a weight-norm parametrization). Side effect:
+        rekeys ``weight_map``."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
 
@@ -113,8 +117,12 @@ class ShardReader:
         if not renamings:
             return
         meta = model.state_dict()
-        renamed = {stored: rename_source_key(stored, renamings, [], model.base_model_prefix,
-                                             meta)[0] for stored in self.weight_map}
+
+        def model_name(stored: str) -> str:
+            name = rename_source_key(stored, renamings, [], model.base_model_prefix, meta)[0]
+            return name if name in meta and stored not in meta else stored
+
+        renamed = {stored: model_name(stored) for stored in self.weight_map}
         self._stored = {name: stored for stored, name in renamed.items()}
         self.weight_map = {renamed[stored]: file for stored, file in self.weight_map.items()}
 
@@ -158,13 +166,13 @@ class StreamedModel:
         with init_empty_weights(include_buffers=False):
             model_class = auto_model_class(is_vision_language(config))
             self.model = model_class.from_config(config, dtype=dtype).eval()
-        self.reader.use_model_names(self.model)
         self.model.tie_weights()  # tied parameters become one object, loaded once
         if isinstance(entry, dict) and entry.get("quant_method") == "rankcut":
             from .checkpoint import replace_with_low_rank
 
             replace_with_low_rank(self.model, entry["rank_map"], dtype, "meta",
                                   entry.get("int8_layout"))
+        self.reader.use_model_names(self.model)
         self.prefix, self.blocks = find_decoder_blocks(self.model)
         self._names = {id(m): n for n, m in self.model.named_modules()}
         self._aliases: dict[int, list[str]] = {}
@@ -433,9 +441,24 @@ def streamed_perplexity(folder: str | Path, token_ids: torch.Tensor, seqlen: int
             run.forward(block, index)
             work.drop("acts", index)
             sm.release(block)
-        nll: list[float] = []
         with sm.parts(sm.outside(skip_head=False)), torch.no_grad():
-            for b, ids in enumerate(run.batches):
-                logits = head_logits(sm, run.acts(len(sm.blocks), b))
-                nll.extend(window_nll(logits, ids.to(sm.device)))
+            nll = [_window_nll(sm, run.acts(len(sm.blocks), b), ids.to(sm.device))
+                   for b, ids in enumerate(run.batches)]
     return summarize(nll, seqlen - 1)
+
+
+#: Positions of a window whose logits the streamed evaluation computes at once.
+HEAD_CHUNK = 512
+
+
+def _window_nll(sm: StreamedModel, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token NLL of one window ``ids`` [1, L] from its last block's output,
+    the head run on ``HEAD_CHUNK`` positions at a time (a 2048-token window's logits alone
+    take 400 MB with a 49k vocabulary)."""
+    total = 0.0
+    for start in range(0, ids.shape[1] - 1, HEAD_CHUNK):
+        end = min(start + HEAD_CHUNK, ids.shape[1] - 1)
+        logits = head_logits(sm, hidden[:, start:end])[0]
+        total += float(F.cross_entropy(logits.float(), ids[0, start + 1:end + 1],
+                                       reduction="none").double().sum())
+    return total
