@@ -405,7 +405,10 @@ def _compress_locked(args: argparse.Namespace, device: str, dtype, config, updat
                                  "`rankcut eval --eval-images` afterwards")
     if args.stream:
         if update_config is not None:
-            raise update.ConfigError("--update is not supported with --stream")
+            raise update.ConfigError(
+                f"--update {update_config.name} is not supported with --stream yet (it runs "
+                "on the whole model in memory); drop --stream where the model fits in memory, "
+                "or drop --update")
         out, report, dense_ppl, ppl, dense_bytes, kept_bytes = _compress_streamed(
             args, config, rank_map, device, dtype)
         if rank > 0:  # process 0 evaluates and writes; the others wait for it
