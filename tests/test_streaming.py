@@ -184,6 +184,17 @@ def test_unsupported_streaming_settings_are_refused(tmp_path, calib_ids, method,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_target_outside_the_blocks_is_refused_before_any_work(tmp_path, calib_ids):
+    src = _sharded(tmp_path)
+    config = methods.make_config("svd-llm", ratio=0.3)
+    with pytest.raises(ConfigError, match=r"lm_head \(a target outside the decoder blocks\) "
+                                          "is not supported with streaming yet"):
+        streaming.compress_streaming(src, tmp_path / "out", config, calib_ids,
+                                     include=["model.layers.*", "lm_head"])
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".*rankcut-work"))
+
+
 def test_folder_without_safetensors_is_a_clear_error(tmp_path, calib_ids):
     src = _sharded(tmp_path)
     for shard in src.glob("*.safetensors*"):

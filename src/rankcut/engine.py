@@ -365,6 +365,19 @@ def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
         return sm.model(inputs_embeds=hidden, use_cache=False).logits
 
 
+def beyond_blocks(config: MethodConfig, targets: dict[str, nn.Linear], prefix: str
+                  ) -> str | None:
+    """What of this run the block-wise engine cannot do yet (it then needs the whole-model
+    path, which ``--stream`` lacks): correction stages or a target outside the decoder
+    blocks ``prefix``; None when the engine does all of it."""
+    if getattr(config, "stages", 1) > 1:
+        return "correction stages (--stages > 1)"
+    outside = [name for name in targets if block_index(name, prefix) is None]
+    if outside:
+        return f"{outside[0]} (a target outside the decoder blocks)"
+    return None
+
+
 def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
                     targets: dict[str, nn.Linear], calibration: Calibration | None,
                     batch_size: int, rank_map: dict[str, int | None] | None,

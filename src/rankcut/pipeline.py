@@ -1,9 +1,10 @@
-"""The compression pipeline: hooks, block-by-block calibration, module swapping.
+"""In-memory compression (``compress``) and ``to_dense``.
 
-Calibration batches go through the model one decoder block at a time: the inputs of the
-first block are captured once, then each block is run on its inputs with hooks on its
-target layers, its layers are factorized, and its outputs become the next block's inputs.
-The model never holds more than one block's activations per batch.
+``compress`` runs the block-wise engine (``rankcut.engine``) over the model held in memory
+(``engine.ResidentModel``). What the engine cannot do yet (``engine.beyond_blocks``:
+correction stages, targets outside the decoder blocks) takes the whole-model path kept
+here: one gradient pass through the whole model holding every statistic at once, the
+decompositions, the global selection and the correction stages.
 
 Under ``torch.distributed`` (``rankcut.distributed``) every rank runs its share of the
 calibration batches, the statistics are summed over ranks, each module is decomposed by
@@ -37,6 +38,7 @@ from .engine import (
     CompressionReport,
     ModuleResult,
     ResidentModel,
+    beyond_blocks,
     check_inputs,
     compress_blocks,
     factorize,
@@ -108,7 +110,9 @@ def compress(
     check_inputs(model, config, targets, calibration, rank_map, update)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    if _needs_whole_model(model, config, targets):
+    # what the engine cannot do yet takes the whole-model path (one backward pass
+    # through the whole model, every statistic held at once)
+    if beyond_blocks(config, targets, find_decoder_blocks(model)[0]):
         _compress_whole_model(model, config, targets, calibration, batch_size, report, rank_map)
     else:
         with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
@@ -123,19 +127,9 @@ def compress(
     return report
 
 
-def _needs_whole_model(model: nn.Module, config: MethodConfig,
-                       targets: dict[str, nn.Linear]) -> bool:
-    """Whether this run still takes the whole-model path (one backward pass through the
-    whole model, all statistics held at once): correction stages or targets outside the
-    decoder blocks. Everything else runs block by block."""
-    prefix, _ = find_decoder_blocks(model)
-    return (getattr(config, "stages", 1) > 1
-            or any(block_index(name, prefix) is None for name in targets))
-
-
 def _compress_whole_model(model, config, targets, calibration, batch_size,
                           report: CompressionReport, rank_map) -> None:
-    """The whole-model path of :func:`_needs_whole_model`'s cases."""
+    """The whole-model path, for what ``engine.beyond_blocks`` names."""
     if config.allocation == "global" and (rank_map is None or config.needs_output_stats):
         _compress_globally(model, config, targets, calibration, batch_size, report, rank_map)
     elif config.allocation == "truncation-loss" and rank_map is None:

@@ -44,6 +44,7 @@ from .data import Calibration, as_calibration
 from .engine import (
     BlockRun,
     CompressionReport,
+    beyond_blocks,
     check_inputs,
     compress_blocks,
     head_logits,
@@ -338,7 +339,10 @@ def compress_streaming(
     check_replaceable(output)  # now, not after the whole run
     targets = select_targets(sm.model, include, exclude)
     check_inputs(sm.model, config, targets, calibration, rank_map, None)
-    _check_streamable(config, targets, sm.prefix)
+    unsupported = beyond_blocks(config, targets, sm.prefix)
+    if unsupported:
+        raise ConfigError(f"{unsupported} is not supported with streaming yet; "
+                          "compress in memory")
     settings = StreamSettings(str(source), str(output), config, calibration, include,
                               exclude, batch_size, dtype, rank_map)
     rank, size = distributed.world()
@@ -354,16 +358,6 @@ def compress_streaming(
     distributed.barrier()
     shutil.rmtree(work.path, ignore_errors=True)
     return report
-
-
-
-def _check_streamable(config: MethodConfig, targets: dict, prefix: str) -> None:
-    if getattr(config, "stages", 1) > 1:
-        raise ConfigError("correction stages (--stages > 1) are not supported with streaming")
-    outside = [n for n in targets if block_index(n, prefix) is None]
-    if outside:
-        raise ConfigError(f"{outside[0]} is outside the decoder blocks; streaming compresses "
-                          "block layers only")
 
 
 
