@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
-from .checkpoint import safetensors_problem
+from .checkpoint import MARKER_SUFFIX, safetensors_problem
 from .data import IGNORE, Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .hooks import InputMomentHooks
@@ -313,6 +313,39 @@ def outside_modules(model: nn.Module, blocks: nn.ModuleList, skip_head: bool) ->
             and next(module.parameters(recurse=False), None) is not None]
 
 
+def block_state(sm: Executor, index: int, ranks: dict) -> dict[str, torch.Tensor]:
+    """The state dict of compressed block ``index`` under its qualified names, with the
+    one-element markers of its factorized modules (the checkpoint format's)."""
+    prefix = f"{sm.prefix}.{index}."
+    state = dict(sm.blocks[index].state_dict(prefix=prefix))
+    for name, rank in ranks.items():
+        if rank and name.startswith(prefix):
+            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
+    return state
+
+
+def save_block(work: WorkFolder, kind: str, sm: Executor, index: int, ranks: dict) -> None:
+    """Writes compressed block ``index`` to the work file ``<kind>/block-<index>``."""
+    save_tensors(work.file(kind, f"block-{index:05d}"), block_state(sm, index, ranks))
+
+
+def load_block(work: WorkFolder, kind: str, sm: Executor, index: int) -> nn.Module:
+    """Loads block ``index`` from the work file :func:`save_block` wrote into the model
+    (whose block must have the same modules and layouts) and returns it. Side effect: the
+    block's parameters become the loaded tensors; the executor releases them as usual."""
+    prefix = f"{sm.prefix}.{index}."
+    block = sm.blocks[index]
+    markers = {name + MARKER_SUFFIX for name, module in block.named_modules()
+               if isinstance(module, LowRankLinear)}
+    stored = load_tensors(work.file(kind, f"block-{index:05d}"), sm.device)
+    state = {name[len(prefix):]: tensor for name, tensor in stored.items()}
+    block.load_state_dict({k: v for k, v in state.items() if k not in markers}, assign=True)
+    for module in block.modules():
+        if isinstance(module, LowRankLinear):
+            module.use_fast_layout_()
+    return block
+
+
 class ResidentModel:
     """The executor of a model held in memory: every part is always there, and compressed
     layers are swapped into the model itself."""
@@ -365,28 +398,30 @@ def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
         return sm.model(inputs_embeds=hidden, use_cache=False).logits
 
 
-def beyond_blocks(config: MethodConfig, targets: dict[str, nn.Linear], prefix: str
+def beyond_blocks(targets: dict[str, nn.Linear], prefix: str
                   ) -> str | None:
     """What of this run the block-wise engine cannot do yet (it then needs the whole-model
-    path, which ``--stream`` lacks): correction stages or a target outside the decoder
-    blocks ``prefix``; None when the engine does all of it."""
-    if getattr(config, "stages", 1) > 1:
-        return "correction stages (--stages > 1)"
+    path, which ``--stream`` lacks): a target outside the decoder blocks ``prefix``; None
+    when the engine does all of it."""
     outside = [name for name in targets if block_index(name, prefix) is None]
     if outside:
         return f"{outside[0]} (a target outside the decoder blocks)"
     return None
 
 
-def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
-                    targets: dict[str, nn.Linear], calibration: Calibration | None,
-                    batch_size: int, rank_map: dict[str, int | None] | None,
-                    keep_originals: bool = False) -> list[ModuleResult]:
-    """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``.
+def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
+                    config: MethodConfig, targets: dict[str, nn.Linear],
+                    calibration: Calibration | None, batch_size: int,
+                    rank_map: dict[str, int | None] | None,
+                    keep_originals: bool = False) -> None:
+    """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``, then
+    runs its correction stages (``rankcut.correction``) when it has them.
 
     Side effects: swaps the factorized layers into ``sm.model`` (and has the executor keep
     each compressed block: a shard in ``work`` when streamed); frees the replaced layers'
-    weights unless ``keep_originals``; commits every step to ``work`` (a rerun resumes).
+    weights unless ``keep_originals``; commits every step to ``work`` (a rerun resumes);
+    sets ``report.modules`` (every target's result, in block order) and
+    ``report.stage_losses``.
 
     Args:
         sm: the executor.
@@ -398,10 +433,9 @@ def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
         batch_size: samples per forward pass of the input statistics.
         rank_map: {module: rank or None} to use instead of the method's allocation.
         keep_originals: leave the replaced layers intact (a later update refits to them).
-
-    Returns:
-        Every target's result, in block order.
     """
+    from .correction import correct  # the stages build on this module's block run
+
     batches, grad_batches = _calibration_batches(config, calibration, batch_size)
     run = BlockRun(sm, work, config, targets, batches, grad_batches, keep_originals)
     if config.needs_output_stats and calibration is not None:
@@ -420,7 +454,10 @@ def compress_blocks(sm: Executor, work: WorkFolder, config: MethodConfig,
     else:
         ranks, plans = run.select(rank_map)
     run.write_blocks(ranks, plans, stored=mode != "uniform")
-    return [ModuleResult(**{**r, "shape": tuple(r["shape"])}) for r in work.progress["results"]]
+    if run.correcting:
+        report.stage_losses = correct(run, ranks, plans)
+    report.modules = [ModuleResult(**{**r, "shape": tuple(r["shape"])})
+                      for r in work.progress["results"]]
 
 
 def _mode(config: MethodConfig, rank_map: dict | None) -> str:
@@ -477,6 +514,8 @@ class BlockRun:
             self.by_block.setdefault(block_index(name, sm.prefix), []).append(name)
         self.sources = kwarg_sources(sm.model, len(sm.blocks))
         self._kwargs: list[dict] | None = None
+        self.compressed = False  # blocks come from the work shards (correction stages)
+        self.correcting = getattr(config, "stages", 1) > 1
 
     @property
     def spec(self):
@@ -484,26 +523,44 @@ class BlockRun:
 
     # -- activations ---------------------------------------------------------------------
 
-    def kwargs(self) -> list[dict]:
-        """The keyword arguments each block gets, per batch. The first call loads the
-        embeddings, captures every batch's first-block input (written to acts/0 unless
-        already committed) and releases the embeddings again."""
-        if self._kwargs is not None:
+    def kwargs(self, write_inputs: bool = False) -> list[dict]:
+        """The keyword arguments each block gets, per batch. The first call (and every call
+        with ``write_inputs``) loads the embeddings, captures every batch's first-block
+        input (written to acts/0 unless already committed, or when ``write_inputs``) and
+        releases the embeddings again."""
+        if self._kwargs is not None and not write_inputs:
             return self._kwargs
         sm, work = self.sm, self.work
-        needed = [sm.blocks[i] for i in range(max(self.sources))]  # run before the last capture
         self._kwargs = []
-        with sm.parts(sm.outside(skip_head=True) + needed):
+        with sm.parts(sm.outside(skip_head=True)), self._blocks_before_last_capture():
             for b, ids in enumerate(self.batches):
                 (hidden, kwargs), = capture_block_inputs(sm.model, sm.blocks, [ids])
                 self._kwargs.append(kwargs)
-                if not work.done("capture"):
+                if write_inputs or not work.done("capture"):
                     if not torch.isfinite(hidden).all():
                         raise CalibrationError("non-finite (NaN/inf) activations at the "
                                                "input of the first decoder block")
                     save_tensors(work.file("acts", 0, b), {"h": hidden})
         work.commit(capture=1)
         return self._kwargs
+
+    @contextlib.contextmanager
+    def _blocks_before_last_capture(self):
+        """Loads the blocks that run before the last block whose keyword arguments are
+        captured (Gemma 3's first full-attention block), for the context."""
+        needed = [self.block(i) for i in range(max(self.sources))]
+        try:
+            yield
+        finally:
+            for block in needed:
+                self.sm.release(block)
+
+    def block(self, index: int) -> nn.Module:
+        """Loads block ``index`` as the run now has it: the original, or once the blocks
+        are corrected (``self.compressed``), the compressed one from its work shard."""
+        if self.compressed:
+            return load_block(self.work, "blocks", self.sm, index)
+        return self.sm.block(index)
 
     def acts(self, index: int, b: int) -> torch.Tensor:
         """The input of block ``index`` on batch ``b``."""
@@ -609,8 +666,9 @@ class BlockRun:
     def _block_files(self, rewritable: bool) -> list[tuple[Path, tuple[str, int] | None]]:
         """The block shards written so far (process 0 writes them), each with the step to
         go back to when it is damaged: rewriting it when ``rewritable``."""
-        if distributed.world()[0] != 0:
+        if distributed.world()[0] != 0 and not self.correcting:
             return []
+        rewritable = rewritable and not self.work.done("stage")  # a corrected block is not
         return [(self.work.where("blocks", f"block-{i:05d}"), ("written", i) if rewritable
                  else None) for i in range(self.work.done("written"))]
 
@@ -634,7 +692,7 @@ class BlockRun:
             stats = self.block_stats(block, index, names, not after) if needs_acts else {}
             distributed.sum_moments(stats)
             decompose = functools.partial(self._decompose_owned, set(distributed.mine(names)),
-                                          stats, stored)
+                                          stats, stored, ranks)
             with torch.no_grad():
                 done = factorize(sm.model, {n: self.targets[n] for n in names}, ranks,
                                   decompose, plans)
@@ -644,20 +702,31 @@ class BlockRun:
                     self.targets[name].to("meta")  # swapped out: free its weight
             if needs_acts and after:
                 self.forward(block, index)
-            sm.write_block(work, index, ranks)
+            if self.correcting:  # every process reads its blocks back in the stages
+                save_block(work, "blocks", sm, index, ranks)
+            else:
+                sm.write_block(work, index, ranks)
             work.commit(written=index + 1, results=results)
             work.drop("acts", index)
             sm.release(block)
 
-    def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, name: str):
+    def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, ranks: dict,
+                         name: str):
         """The decomposition of ``name`` when this process owns it (else None): its stored
-        factors, or computed from its block's statistics."""
+        factors, or computed from its block's statistics. Before correction stages, a
+        factorized module's original weight (and, when computed here, its whitening) is
+        kept in the work folder."""
         if name not in owned:
             return None
+        if self.correcting and ranks[name] is not None:
+            save_tensors(self.work.file("originals", name), {"w": self.targets[name].weight})
         if stored:
             return StoredFactors.load(self.work, name)
-        return self.spec.decompose(self.config, self.targets[name].weight,
-                                   _last_use(stats, name), None)
+        decomposition = self.spec.decompose(self.config, self.targets[name].weight,
+                                            _last_use(stats, name), None)
+        if self.correcting and ranks[name] is not None:
+            save_whitening(self.work, name, decomposition)
+        return decomposition
 
     # -- methods that decompose everything first, then allocate -------------------------
 
@@ -702,7 +771,8 @@ class BlockRun:
                           desc=f"{config.name} backward", unit="block"):
             block = sm.block(index)
             names = self.by_block.get(index, [])
-            stats, outputs, grads = self._backward_block(block, index, names)
+            layers = {name: self.targets[name] for name in names}
+            stats, outputs, grads = self.backward_block(block, index, layers)
             with torch.no_grad():
                 for name in distributed.mine(names):
                     moment = _last_use(stats, name)
@@ -717,6 +787,8 @@ class BlockRun:
                             decomposition, decomposition.sigma.numel(), grad)
                     StoredFactors.save(work, name, decomposition, extra,
                                        moment.count if moment is not None else 0)
+                    if self.correcting:
+                        save_whitening(work, name, decomposition)
                     del decomposition, moment, grad
             work.commit(backward=len(sm.blocks) - index)
             work.drop("grads", index + 1)
@@ -748,7 +820,7 @@ class BlockRun:
         with sm.parts(sm.outside(skip_head=False)):
             for b in tqdm(range(self.grad_batches), desc="head", unit="batch"):
                 batch = as_calibration(self.batches[b])
-                loss, vectors = self._head_batch(self.acts(top, b),
+                loss, vectors = self.head_batch(self.acts(top, b),
                                                  batch.targets.to(sm.device), draws)
                 total += loss
                 count += batch.predicted
@@ -761,7 +833,7 @@ class BlockRun:
         work.commit(head=1, loss_tokens=count)
         work.drop("acts", top)
 
-    def _head_batch(self, hidden: torch.Tensor, targets: torch.Tensor, draws
+    def head_batch(self, hidden: torch.Tensor, targets: torch.Tensor, draws
                     ) -> tuple[float, dict[str, torch.Tensor]]:
         """The summed loss of one batch and the vectors it seeds at the last block's output:
         the loss gradient (of the ``targets`` tokens, ``IGNORE`` where none is predicted)
@@ -808,17 +880,18 @@ class BlockRun:
         mine = drawn[i:i + 1] if drawn is not None else draws(probs)
         return fisher.seeds_from_draws(logits.shape, probs, index, mine, self.config.kl_mode)
 
-    def _backward_block(self, block, index, names):
-        """Recomputes ``block`` on every batch: input statistics of its targets on all
-        batches; on gradient batches, the loss gradients of their weights, their output
-        statistics (IO-SVD's metric or FWSVD's row Fisher) and the vectors handed to the
-        block below.
+    def backward_block(self, block: nn.Module, index: int, layers: dict[str, nn.Linear],
+                       input_stats: bool = True):
+        """Recomputes ``block`` on the batches: with ``input_stats``, the input statistics of
+        ``layers`` on all batches (when the method needs them); on gradient batches, the
+        loss gradients of their weights, their output statistics (IO-SVD's metric or
+        FWSVD's row Fisher) and the vectors handed to the block below.
 
         Returns:
             ({module: input moment}, {module: output statistics}, {module: G}).
         """
         work, config = self.work, self.config
-        layers = {n: self.targets[n] for n in names}
+        input_stats = input_stats and config.needs_input_stats
         sums = {n: torch.zeros(layer.weight.shape) for n, layer in layers.items()}
         metric = {n: linalg.SecondMoment.zeros(layer.out_features, layer.weight.device)
                   for n, layer in layers.items()} if self.seeds else {}
@@ -827,9 +900,9 @@ class BlockRun:
         weights = [layer.weight for layer in layers.values()]
         for w in weights:
             w.requires_grad_(self.weight_grads)
-        with InputMomentHooks(layers if config.needs_input_stats else {}) as hooks, \
+        with InputMomentHooks(layers if input_stats else {}) as hooks, \
                 _KeptOutputs(layers) as kept:
-            for b in range(len(self.batches)):
+            for b in range(len(self.batches) if input_stats else self.grad_batches):
                 hooks.new_batch()
                 wanted = b < self.grad_batches
                 hidden = self.acts(index, b).requires_grad_(wanted)
@@ -994,3 +1067,39 @@ class StoredFactors:
             return {**meta, "tokens": int(f.get_tensor("tokens")[0])}
 
 
+
+
+def save_whitening(work: WorkFolder, name: str, decomposition: linalg.Decomposition) -> None:
+    """Keeps the whitening roots S and T of ``name``'s decomposition (float64) for the
+    correction stages, which re-cut corrected weights in the same basis."""
+    tensors = {}
+    for side, whitening in (("s", decomposition.input_whitening),
+                            ("t", decomposition.output_whitening)):
+        if whitening is not None:
+            tensors[f"{side}_root"] = whitening.root
+            tensors[f"{side}_kind"] = torch.tensor([WHITENING_KINDS.index(whitening.kind)])
+            tensors[f"{side}_damping"] = torch.tensor([whitening.damping], dtype=torch.float64)
+            if whitening.inverse is not None:
+                tensors[f"{side}_inverse"] = whitening.inverse
+    save_tensors(work.file("whitening", name), tensors or {"none": torch.zeros(1)})
+
+
+def load_whitening(work: WorkFolder, name: str
+                   ) -> tuple[linalg.Whitening | None, linalg.Whitening | None]:
+    """(S, T) as :func:`save_whitening` kept them (None for an unwhitened side)."""
+    tensors = load_tensors(work.file("whitening", name))
+    sides = []
+    for side in ("s", "t"):
+        if f"{side}_root" not in tensors:
+            sides.append(None)
+            continue
+        sides.append(linalg.Whitening(
+            root=tensors[f"{side}_root"],
+            kind=WHITENING_KINDS[int(tensors[f"{side}_kind"][0])],
+            damping=float(tensors[f"{side}_damping"][0]),
+            inverse=tensors.get(f"{side}_inverse")))
+    return sides[0], sides[1]
+
+
+#: ``Whitening.kind`` values, indexed as :func:`save_whitening` stores them.
+WHITENING_KINDS = ("cholesky", "eigen")

@@ -112,14 +112,13 @@ def compress(
     start = time.perf_counter()
     # what the engine cannot do yet takes the whole-model path (one backward pass
     # through the whole model, every statistic held at once)
-    if beyond_blocks(config, targets, find_decoder_blocks(model)[0]):
+    if beyond_blocks(targets, find_decoder_blocks(model)[0]):
         _compress_whole_model(model, config, targets, calibration, batch_size, report, rank_map)
     else:
         with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
             work = WorkFolder(Path(folder) / "run", "resident")
-            report.modules = compress_blocks(ResidentModel(model), work, config, targets,
-                                             calibration, batch_size, rank_map,
-                                             keep_originals=update is not None)
+            compress_blocks(ResidentModel(model), work, report, config, targets, calibration,
+                            batch_size, rank_map, keep_originals=update is not None)
     if update is not None:
         report.update = apply_update(model, update, targets, calibration, batch_size)
     report.seconds = time.perf_counter() - start

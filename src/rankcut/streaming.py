@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import (
-    MARKER_SUFFIX,
     record_shard_digests,
     write_dir_atomically,
 )
@@ -49,6 +48,7 @@ from .engine import (
     compress_blocks,
     head_logits,
     outside_modules,
+    save_block,
 )
 from .errors import (
     ConfigError,
@@ -176,9 +176,12 @@ class StreamedModel:
         self.reader.use_model_names(self.model)
         self.prefix, self.blocks = find_decoder_blocks(self.model)
         self._names = {id(m): n for n, m in self.model.named_modules()}
-        self._aliases: dict[int, list[str]] = {}
+        by_tensor: dict[int, list[str]] = {}
         for name, param in self.model.named_parameters(remove_duplicate=False):
-            self._aliases.setdefault(id(param), []).append(name)
+            by_tensor.setdefault(id(param), []).append(name)
+        # every name of a tied parameter, by name (parameter objects are replaced as
+        # parts are loaded, released and compressed, so their ids are no key)
+        self._aliases = {name: names for names in by_tensor.values() for name in names}
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         owner, _, leaf = name.rpartition(".")
@@ -194,8 +197,8 @@ class StreamedModel:
             ModelLoadError: a parameter is missing from every shard.
         """
         prefix = self._names[id(module)]
-        for name, param in list(module.named_parameters(prefix=prefix)):
-            aliases = self._aliases.pop(id(param), [name])
+        for name, _ in list(module.named_parameters(prefix=prefix)):
+            aliases = self._aliases.get(name, [name])
             stored = next((a for a in aliases if a in self.reader), None)
             if stored is None:
                 raise ModelLoadError(f"{name} is in none of the shards of {self.folder}")
@@ -203,7 +206,6 @@ class StreamedModel:
                                   requires_grad=False)
             for alias in aliases:
                 self._set(alias, tensor)
-            self._aliases[id(self.model.get_parameter(name))] = aliases
         for name, buffer in list(module.named_buffers(prefix=prefix)):
             if name in self.reader:
                 dtype = self.dtype if buffer.is_floating_point() else buffer.dtype
@@ -218,11 +220,9 @@ class StreamedModel:
         freeing their memory. Mutates the skeleton."""
         prefix = self._names.get(id(module))
         for name, param in list(module.named_parameters(prefix=prefix)):
-            aliases = self._aliases.pop(id(param), [name])
             empty = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-            for alias in aliases:
+            for alias in self._aliases.get(name, [name]):
                 self._set(alias, empty)
-            self._aliases[id(self.model.get_parameter(name))] = aliases
         for name, buffer in list(module.named_buffers(prefix=prefix)):
             if name in self.reader or isinstance(self.model.get_submodule(
                     name.rpartition(".")[0]), LowRankLinear):
@@ -241,8 +241,7 @@ class StreamedModel:
         """Writes compressed block ``index`` to its shard in ``work`` (process 0 does; every
         process holds the same block)."""
         if distributed.world()[0] == 0:
-            save_tensors(work.file("blocks", f"block-{index:05d}"),
-                         _block_state(self, index, ranks))
+            save_block(work, "blocks", self, index, ranks)
 
     @contextlib.contextmanager
     def parts(self, modules: list[nn.Module]):
@@ -339,7 +338,7 @@ def compress_streaming(
     check_replaceable(output)  # now, not after the whole run
     targets = select_targets(sm.model, include, exclude)
     check_inputs(sm.model, config, targets, calibration, rank_map, None)
-    unsupported = beyond_blocks(config, targets, sm.prefix)
+    unsupported = beyond_blocks(targets, sm.prefix)
     if unsupported:
         raise ConfigError(f"{unsupported} is not supported with streaming yet; "
                           "compress in memory")
@@ -349,8 +348,7 @@ def compress_streaming(
     work = WorkFolder(output, settings.fingerprint(), f"-{rank}-of-{size}" if size > 1 else "")
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    report.modules = compress_blocks(sm, work, config, targets, calibration, batch_size,
-                                     rank_map)
+    compress_blocks(sm, work, report, config, targets, calibration, batch_size, rank_map)
     report.seconds = time.perf_counter() - start
     sm.model.config.quantization_config = report.quantization_config()
     if rank == 0:  # under torch.distributed, process 0 writes; the others wait
@@ -359,17 +357,6 @@ def compress_streaming(
     shutil.rmtree(work.path, ignore_errors=True)
     return report
 
-
-
-def _block_state(sm: StreamedModel, index: int, ranks: dict) -> dict[str, torch.Tensor]:
-    """The state dict of compressed block ``index`` under its qualified names, with the
-    one-element markers of its factorized modules."""
-    prefix = f"{sm.prefix}.{index}."
-    state = dict(sm.blocks[index].state_dict(prefix=prefix))
-    for name, rank in ranks.items():
-        if rank and name.startswith(prefix):
-            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
-    return state
 
 
 #: Outside tensors are grouped into shards of at most this many bytes.

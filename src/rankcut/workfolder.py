@@ -101,7 +101,7 @@ class WorkFolder:
 
 
 #: Progress entries that are not step counts.
-_NOT_STEPS = ("fingerprint", "results")
+_NOT_STEPS = ("fingerprint", "results", "stage_losses")
 
 
 def _steps(progress: dict) -> str:
@@ -120,6 +120,9 @@ def _progress_problem(progress: object) -> str | None:
            and (not isinstance(v, int) or isinstance(v, bool) or v < 0)]
     if bad:
         return f"step {bad[0]!r} is not a count"
+    losses = progress.get("stage_losses", [])
+    if not isinstance(losses, list) or not all(isinstance(x, (int, float)) for x in losses):
+        return "the stage losses are not a list of numbers"
     results = progress.get("results", [])
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
         return "the module results are not a list of objects"

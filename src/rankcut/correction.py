@@ -1,0 +1,258 @@
+"""Correction stages (Zero-Sum SVD's stages 2..N), run block by block over an executor.
+
+After truncation, each stage computes the calibration-loss gradient g at the truncated model
+(a forward pass keeping each block's input, the head, a block-wise backward), takes per
+module the projected step W += α·(⟨g,ΔW⟩/⟨g,g⟩)·g towards the original weight (ΔW the gap
+to it), re-cuts the corrected W at the same rank in the same whitened basis (same int8
+rows), and keeps the first α of ``STEP_SCALES`` whose re-truncated model has a lower
+calibration loss (forward-only passes). When none does, the stages stop.
+
+The current blocks live in the work folder (``blocks/``); a trial's blocks are written to
+``candidates/<stage>/`` and moved over once the stage is accepted and committed, so a run
+killed at any moment resumes: an accepted stage finishes its moves, an unfinished one
+starts over.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed, linalg
+from .checkpoint import replace_with_low_rank
+from .data import IGNORE, as_calibration
+from .engine import (
+    BlockRun,
+    ModuleResult,
+    factorize,
+    head_logits,
+    load_whitening,
+    save_block,
+)
+from .errors import CalibrationError
+from .modules import LowRankLinear
+from .workfolder import load_tensors, save_tensors
+
+logger = logging.getLogger(__name__)
+
+#: Global scales tried, in order, on the projected-gradient step of a correction stage.
+STEP_SCALES = (1.0, 0.5, 0.25)
+
+
+def correct(run: BlockRun, ranks: dict, plans: dict) -> list[float]:
+    """Runs stages 2..``config.stages`` on the blocks ``run`` wrote; stops early when a
+    stage finds no step scale that lowers the calibration loss.
+
+    Side effects: rewrites the blocks' work shards, commits every accepted stage (and the
+    module results of its re-cut layers), and leaves the model holding the final blocks.
+
+    Returns:
+        The calibration loss after stage 1 and after each accepted stage.
+    """
+    work, config = run.work, run.config
+    run.compressed, run.seeds, run.weight_grads = True, 0, True
+    _use_low_rank_modules(run)
+    _finish_accepted_moves(run)
+    losses = list(work.progress.get("stage_losses", []))
+    stage = max(2, work.done("stage") + 1)
+    while stage <= config.stages and not work.done("stages_over"):
+        before, result = _stage(run, stage, ranks, plans)
+        if not losses:
+            losses = [before]
+            logger.info("calibration loss after stage 1: %.4f", before)
+        if result is None:
+            logger.info("stage %d: no step scale lowers the calibration loss; keeping the "
+                        "stage %d model and skipping the remaining stages", stage, stage - 1)
+            work.commit(stages_over=1, stage_losses=losses)
+            break
+        after, results = result
+        losses.append(after)
+        logger.info("calibration loss after stage %d: %.4f", stage, after)
+        work.commit(stage=stage, stage_losses=losses, results=_updated(work, results))
+        _finish_accepted_moves(run)
+        stage += 1
+    work.drop("steps")
+    work.drop("acts")
+    for index in range(len(run.sm.blocks)):  # the model holds the kept blocks
+        run.sm.release(run.block(index))
+    return losses
+
+
+def _use_low_rank_modules(run: BlockRun) -> None:
+    """Gives a model that does not hold the compressed layers yet (a resumed streamed run)
+    empty ``LowRankLinear`` modules of their layouts, so their shards load into it."""
+    results = run.work.progress["results"]
+    missing = {r["name"]: r for r in results
+               if r["rank"] is not None
+               and not isinstance(run.sm.model.get_submodule(r["name"]), LowRankLinear)}
+    if missing:
+        replace_with_low_rank(run.sm.model, {n: r["rank"] for n, r in missing.items()},
+                              run.targets[next(iter(missing))].weight.dtype, "meta",
+                              {n: r["int8"] for n, r in missing.items() if r["int8"]})
+
+
+def _finish_accepted_moves(run: BlockRun) -> None:
+    """Moves the committed stage's candidate blocks over the current ones (a run killed
+    between the commit and the moves finishes them) and drops any other candidates."""
+    work = run.work
+    accepted = work.path / "candidates" / str(work.done("stage"))
+    if accepted.is_dir():
+        for shard in sorted(accepted.glob("block-*.safetensors")):
+            os.replace(shard, work.file("blocks", shard.stem))
+    work.drop("candidates")
+
+
+def _updated(work, results: dict[str, ModuleResult]) -> list[dict]:
+    """The committed module results with those of ``results`` replaced."""
+    return [asdict(results[r["name"]]) if r["name"] in results else r
+            for r in work.progress["results"]]
+
+
+def _stage(run: BlockRun, stage: int, ranks: dict, plans: dict
+           ) -> tuple[float, tuple[float, dict[str, ModuleResult]] | None]:
+    """One truncate–correct–re-truncate stage with a backtracking safeguard.
+
+    Returns:
+        (the loss before, then (the loss after, the re-cut modules' results) or None when
+        no step scale lowers the loss).
+    """
+    before = _gradient_steps(run)
+    for scale in STEP_SCALES:
+        after, results = _trial(run, stage, scale, ranks, plans)
+        logger.info("stage %d, step scale %.2f: calibration loss %.4f -> %.4f", stage, scale,
+                    before, after)
+        if after < before:
+            return before, (after, results)
+        run.work.drop("candidates")
+    return before, None
+
+
+def _factorized(run: BlockRun, index: int) -> dict[str, LowRankLinear]:
+    return {name: run.sm.model.get_submodule(name) for name in run.by_block.get(index, [])
+            if isinstance(run.sm.model.get_submodule(name), LowRankLinear)}
+
+
+def _gradient_steps(run: BlockRun) -> float:
+    """The loss gradient at the current (truncated) blocks, block-wise; writes each owned
+    module's projected step to steps/<module>. Returns the calibration loss."""
+    sm, work = run.sm, run.work
+    run.kwargs(write_inputs=True)
+    blocks = len(sm.blocks)
+    for index in tqdm(range(blocks), desc="correction forward", unit="block"):
+        block = run.block(index)
+        _forward(run, block, index)
+        sm.release(block)
+    before = _head(run, vectors=True)
+    for index in tqdm(range(blocks - 1, -1, -1), desc="correction backward", unit="block"):
+        block = run.block(index)
+        low_rank = _factorized(run, index)
+        dense = {name: module.to_dense() for name, module in low_rank.items()}
+        for name, layer in dense.items():
+            sm.model.set_submodule(name, layer)
+        _, _, grads = run.backward_block(block, index, dense, input_stats=False)
+        for name, module in low_rank.items():
+            sm.model.set_submodule(name, module)
+        with torch.no_grad():
+            for name in distributed.mine(run.by_block.get(index, [])):
+                if name in dense:
+                    save_tensors(work.file("steps", name),
+                                 {"step": _projected_step(work, name, dense[name], grads[name])})
+        work.drop("grads", index + 1)
+        if index:
+            work.drop("acts", index)
+        sm.release(block)
+    work.drop("grads", 0)
+    return before
+
+
+def _projected_step(work, name: str, dense: nn.Linear, grad: torch.Tensor) -> torch.Tensor:
+    """(⟨g,ΔW⟩/⟨g,g⟩)·g with ΔW the gap from the truncated weight to the original."""
+    original = load_tensors(work.file("originals", name))["w"].to(torch.float64)
+    gap = original - dense.weight.detach().to(torch.float64)
+    g = grad.to(torch.float64)
+    return (g * ((g * gap).sum() / (g * g).sum().clamp_min(1e-300))).float()
+
+
+def _trial(run: BlockRun, stage: int, scale: float, ranks: dict, plans: dict
+           ) -> tuple[float, dict[str, ModuleResult]]:
+    """Re-cuts every block at W + scale·step, runs the calibration batches through the
+    re-cut blocks and writes them to candidates/<stage>/. Returns the loss and results."""
+    sm, work = run.sm, run.work
+    results: dict[str, ModuleResult] = {}
+    for index in tqdm(range(len(sm.blocks)), desc=f"stage {stage} x{scale:g}", unit="block"):
+        block = run.block(index)
+        dense = {name: module.to_dense() for name, module in _factorized(run, index).items()}
+        owned = set(distributed.mine(run.by_block.get(index, [])))
+        decompose = functools.partial(_corrected, work, dense, owned, scale)
+        with torch.no_grad():
+            results.update(factorize(sm.model, dense, ranks, decompose, plans, log=False))
+        _forward(run, block, index)
+        if index:
+            work.drop("acts", index)
+        save_block(work, f"candidates/{stage}", sm, index, ranks)
+        sm.release(block)
+    return _head(run, vectors=False), results
+
+
+def _corrected(work, dense: dict[str, nn.Linear], owned: set[str], scale: float, name: str
+               ) -> linalg.Decomposition | None:
+    """The decomposition of ``name``'s W + scale·step in its stage-1 whitened basis, when
+    this process owns it (else None)."""
+    if name not in owned:
+        return None
+    step = load_tensors(work.file("steps", name))["step"].to(torch.float64)
+    corrected = dense[name].weight.detach().to(torch.float64) + scale * step
+    return linalg.decompose(corrected, *load_whitening(work, name))
+
+
+def _forward(run: BlockRun, block: nn.Module, index: int) -> None:
+    """Writes ``block``'s outputs on the gradient batches as the next block's inputs."""
+    with torch.no_grad():
+        for b in range(run.grad_batches):
+            save_tensors(run.work.file("acts", index + 1, b), {"h": run.run(block, index, b)})
+
+
+def _head(run: BlockRun, vectors: bool) -> float:
+    """The mean calibration loss over the gradient batches at the last block's output;
+    with ``vectors`` also writes each batch's loss gradient there (grads/<top>/<b>)."""
+    sm, work = run.sm, run.work
+    top = len(sm.blocks)
+    total, count = 0.0, 0
+    with sm.parts(sm.outside(skip_head=False)):
+        for b in range(run.grad_batches):
+            batch = as_calibration(run.batches[b])
+            targets = batch.targets.to(sm.device)
+            if vectors:
+                loss, found = run.head_batch(run.acts(top, b), targets, None)
+                save_tensors(work.file("grads", top, b), found)
+            else:
+                loss = _loss(run, run.acts(top, b), targets)
+            total += loss
+            count += batch.predicted
+    work.drop("acts", top)
+    total, count = distributed.sum_numbers(total, count)
+    if vectors:
+        work.progress["loss_tokens"] = count
+    return total / max(count, 1)
+
+
+def _loss(run: BlockRun, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """The summed next-token loss of one batch (one sample at a time), without gradients."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(hidden.shape[0]):
+            logits = head_logits(run.sm, hidden[i:i + 1])[0, :-1]
+            loss = F.cross_entropy(logits.float(), targets[i], ignore_index=IGNORE,
+                                   reduction="sum")
+            if not torch.isfinite(loss):
+                raise CalibrationError("calibration loss is not finite; the model produced "
+                                       "NaN/inf")
+            total += loss.item()
+    return total
