@@ -149,10 +149,12 @@ def test_to_dense_matches_low_rank_model(calib_ids):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3", "opt"])
-def test_block_by_block_statistics_equal_a_full_forward(kind, calib_ids):
-    """Replaying captured block inputs gives the statistics a hooked full forward gives,
-    also for Gemma 3's mix of sliding and full attention layers."""
-    from rankcut.pipeline import _block_groups
+def test_block_by_block_statistics_equal_a_full_forward(kind, calib_ids, tmp_path):
+    """Replaying captured block inputs (the engine's block run) gives the statistics a
+    hooked full forward gives, also for Gemma 3's mix of sliding and full attention
+    layers."""
+    from rankcut.engine import BlockRun, ResidentModel
+    from rankcut.workfolder import WorkFolder
 
     model = tiny_model(kind)
     if kind == "gemma3":
@@ -168,10 +170,15 @@ def test_block_by_block_statistics_equal_a_full_forward(kind, calib_ids):
             model(input_ids=batch, use_cache=False)
     for handle in handles:
         handle.remove()
-    config = rankcut.make_config("svd-llm")
+    run = BlockRun(ResidentModel(model), WorkFolder(tmp_path / "run", "test"),
+                   rankcut.make_config("svd-llm"), targets, list(calib_ids.split(3)))
+    run.kwargs()
     seen = 0
-    for names, stats in _block_groups(model, config, targets, calib_ids, batch_size=3):
+    for index, block in enumerate(run.sm.blocks):
+        names = run.by_block.get(index, [])
+        stats = run.block_stats(block, index, names, write_next=True)
         for name in names:
+            assert stats[name].count == calib_ids.numel()
             torch.testing.assert_close(stats[name].mean(), reference[name].mean(),
                                        rtol=1e-5, atol=1e-7)
             seen += 1

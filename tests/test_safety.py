@@ -286,12 +286,12 @@ def test_unwritable_output_and_json_paths_are_refused_before_the_model_loads(
 
 def test_a_min_rank_that_cannot_fit_the_budget_is_refused_before_calibration(
         model_dir, tmp_path, capsys, calib_file, monkeypatch):
-    from rankcut import pipeline
+    from rankcut import engine
 
     def no_statistics(*args, **kwargs):
         raise AssertionError("statistics were gathered before min_rank was checked")
 
-    monkeypatch.setattr(pipeline, "_compress_globally", no_statistics)
+    monkeypatch.setattr(engine.BlockRun, "kwargs", no_statistics)  # the first capture
     args = ["compress", "--model", str(model_dir), "--method", "zero-sum", "--ratio", "0.5",
             "--min-rank", "20", "--calib-file", str(calib_file), "--num-samples", "4",
             "--seqlen", "16", "--no-eval", "--device", "cpu", "--output", str(tmp_path / "o")]

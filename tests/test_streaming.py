@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rankcut import checkpoint, evaluation, methods, pipeline, streaming
+from rankcut import update as update_module
 from rankcut.cli import main
 from rankcut.errors import ConfigError, ModelLoadError
 
@@ -27,9 +28,9 @@ def _sharded(tmp_path, kind="llama"):
     return path
 
 
-def _in_memory(src, config, ids, out):
+def _in_memory(src, config, ids, out, include=None, update=None):
     model = AutoModelForCausalLM.from_pretrained(src).eval()
-    report = pipeline.compress(model, config, ids, batch_size=4)
+    report = pipeline.compress(model, config, ids, batch_size=4, include=include, update=update)
     checkpoint.save_pretrained(model, out)
     return report
 
@@ -63,19 +64,46 @@ CASES = [
     ("llama", "io-svd", {"stages": 2, "remap": "classic"}),
     ("gemma3", "zero-sum", {"stages": 2}),
     ("opt", "io-svd", {"stages": 3}),
+    # the LM head as a target too (tied to the embeddings in the Llama, not in the Qwen2)
+    ("llama", "svd-llm", {"include": ["model.layers.*", "lm_head"]}),
+    ("llama", "io-svd", {"include": ["model.layers.*", "lm_head"]}),
+    ("qwen2", "svd-llm-v2", {"include": ["model.layers.*", "lm_head"]}),
+    ("qwen2", "zero-sum", {"include": ["model.layers.*", "lm_head"], "grad_batch_size": 3}),
+    ("qwen2", "fwsvd", {"include": ["model.layers.*", "lm_head"]}),
+    # the closed-form refit after truncation, on either target
+    ("llama", "svd-llm", {"update": "compressed"}),
+    ("gemma3", "io-svd", {"update": "original", "remap": "classic"}),
+    ("opt", "zero-sum", {"update": "original", "stages": 2}),
 ]
+
+
+def _update_of(settings: dict):
+    """Pops the test case's refit target (None: no update) and returns the update."""
+    from rankcut.update import make_update
+
+    target = settings.pop("update", None)
+    return make_update("refit", target=target) if target else None
 
 
 @pytest.mark.parametrize("kind,method,settings", CASES,
                          ids=[f"{k}-{m}-{'-'.join(s) or 'default'}" for k, m, s in CASES])
 def test_streamed_factors_equal_in_memory(tmp_path, calib_ids, kind, method, settings):
     src = _sharded(tmp_path, kind)
+    settings = dict(settings)
+    include, update = settings.pop("include", None), _update_of(settings)
     config = methods.make_config(method, ratio=0.3, **settings)
-    expected = _in_memory(src, config, calib_ids, tmp_path / "memory")
+    expected = _in_memory(src, config, calib_ids, tmp_path / "memory", include, update)
     report = streaming.compress_streaming(src, tmp_path / "streamed", config, calib_ids,
-                                          batch_size=4)
+                                          batch_size=4, include=include, update=update)
     assert report.rank_map == expected.rank_map
+    if update is not None:
+        assert [e["module"] for e in report.update.log] == [
+            e["module"] for e in expected.update.log]
+        assert [e["error_after"] for e in report.update.log] == pytest.approx(
+            [e["error_after"] for e in expected.update.log], rel=1e-4, abs=1e-9)
     assert report.achieved_ratio == pytest.approx(expected.achieved_ratio)
+    if include:
+        assert report.rank_map["lm_head"] is not None or method in ("zero-sum", "io-svd")
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
     assert not list(tmp_path.glob(".*rankcut-work"))  # the work folder is removed
 
@@ -120,6 +148,7 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, calib_ids):
 KILLER = """
 import json, os, signal, sys, torch
 from rankcut import methods, streaming
+from rankcut.update import make_update
 step, at = sys.argv[3], int(sys.argv[4])
 commit = streaming.WorkFolder.commit
 def commit_then_die(self, **updates):
@@ -127,19 +156,32 @@ def commit_then_die(self, **updates):
     if updates.get(step) == at:
         os.kill(os.getpid(), signal.SIGKILL)
 streaming.WorkFolder.commit = commit_then_die
-config = methods.make_config(sys.argv[5], ratio=0.3, **json.loads(sys.argv[7]))
+settings = json.loads(sys.argv[7])
+include, target = settings.pop("include", None), settings.pop("update", None)
+update = make_update("refit", target=target) if target else None
+config = methods.make_config(sys.argv[5], ratio=0.3, **settings)
 ids = torch.load(sys.argv[6])
-streaming.compress_streaming(sys.argv[1], sys.argv[2], config, ids, batch_size=4)
+streaming.compress_streaming(sys.argv[1], sys.argv[2], config, ids, batch_size=4,
+                             include=include, update=update)
 """
 
 
+HEAD_TOO = ["model.layers.*", "lm_head"]
 RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
            ("io-svd", {}, "written", 1), ("fwsvd", {"grad_samples": 6}, "backward", 1),
            ("io-svd", {"remap": "loss-aware", "score": "both"}, "backward", 1),
            # correction stages: killed before the first (it reruns), and between a stage's
            # commit and the moves of its blocks (the rerun finishes them)
            ("io-svd", {"stages": 2, "remap": "classic"}, "written", 2),
-           ("io-svd", {"stages": 3}, "stage", 2)]
+           ("io-svd", {"stages": 3}, "stage", 2),
+           # the LM head as a target: killed after its factors were stored at the head, and
+           # after the last block was written, before the head is, and after it is (kept
+           # as a work file that the rerun reads back)
+           ("io-svd", {"include": HEAD_TOO, "remap": "classic"}, "head", 1),
+           ("svd-llm", {"include": HEAD_TOO}, "written", 2),
+           ("svd-llm", {"include": HEAD_TOO}, "post", 1),
+           # the refit: killed after its first block (both streams are work files)
+           ("svd-llm", {"update": "original"}, "refit", 1)]
 
 
 @pytest.mark.parametrize("method,settings,step,at", RESUMED,
@@ -158,11 +200,15 @@ def test_sigkill_then_rerun_resumes_to_the_same_output(tmp_path, calib_ids, meth
     work = tmp_path / f".out{streaming.WORK_SUFFIX}"
     progress = json.loads((work / streaming.PROGRESS).read_text())
     assert progress[step] == at
+    settings = dict(settings)
+    include, update = settings.pop("include", None), _update_of(settings)
     config = methods.make_config(method, ratio=0.3, **settings)
     with caplog.at_level("INFO", logger="rankcut"):
-        streaming.compress_streaming(src, out, config, calib_ids, batch_size=4)
+        streaming.compress_streaming(src, out, config, calib_ids, batch_size=4, include=include,
+                                     update=update)
     assert "resuming from" in caplog.text
-    streaming.compress_streaming(src, tmp_path / "whole", config, calib_ids, batch_size=4)
+    streaming.compress_streaming(src, tmp_path / "whole", config, calib_ids, batch_size=4,
+                                 include=include, update=update)
     _assert_same_checkpoint(tmp_path / "whole", out, atol=0)
     assert not work.exists()
 
@@ -179,15 +225,19 @@ def test_work_folder_of_other_arguments_is_not_resumed(tmp_path, calib_ids, capl
     assert len(report.modules) == 14
 
 
-def test_a_target_outside_the_blocks_is_refused_before_any_work(tmp_path, calib_ids):
+def test_stages_with_a_target_outside_the_blocks_are_refused_before_any_work(tmp_path,
+                                                                            calib_ids):
     src = _sharded(tmp_path)
-    config = methods.make_config("svd-llm", ratio=0.3)
-    with pytest.raises(ConfigError, match=r"lm_head \(a target outside the decoder blocks\) "
-                                          "is not supported with streaming yet"):
+    config = methods.make_config("zero-sum", ratio=0.3, stages=2)
+    message = (r"correction stages \(--stages > 1\) re-cut the decoder blocks' layers only, "
+               r"and lm_head is outside them")
+    with pytest.raises(ConfigError, match=message):
         streaming.compress_streaming(src, tmp_path / "out", config, calib_ids,
                                      include=["model.layers.*", "lm_head"])
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".*rankcut-work"))
+    with pytest.raises(ConfigError, match=message):
+        pipeline.compress(tiny_model(), config, calib_ids, include=["model.layers.*", "lm_head"])
 
 
 def test_folder_without_safetensors_is_a_clear_error(tmp_path, calib_ids):
@@ -219,57 +269,16 @@ def test_cli_stream_matches_in_memory_run(tmp_path, calib_file):
     assert (tmp_path / "b" / "tokenizer.json").is_file()
 
 
-def test_cli_stream_refuses_update(tmp_path, calib_file, capsys):
+def test_cli_stream_refuses_lora_before_any_work(tmp_path, calib_file, capsys):
     src = _sharded(tmp_path)
     assert main(["compress", "--model", str(src), "--calib-file", str(calib_file), "--stream",
-                 "--update", "refit", "--seqlen", "32", "--no-eval",
+                 "--update", "lora", "--seqlen", "32", "--no-eval",
                  "--output", str(tmp_path / "out")]) != 0
-    assert "not supported with --stream" in capsys.readouterr().err
-
-
-WHOLE_MODEL_CASES = [
-    ("llama", "svd-llm", {}),
-    ("llama", "svd-llm", {"sequential": True}),
-    ("llama", "svd-llm-v2", {}),
-    ("llama", "fwsvd", {"grad_samples": 6}),
-    ("llama", "zero-sum", {"grad_samples": 5, "grad_batch_size": 2}),
-    ("llama", "io-svd", {"kl_mode": "exact", "score": "both", "top_k": 3}),
-    ("llama", "io-svd", {"remap": "loss-aware", "score": "both"}),
-    ("gemma3", "io-svd", {}),
-    ("opt", "io-svd", {}),
-    ("llama", "io-svd", {"stages": 2, "remap": "classic"}),
-    ("gemma3", "zero-sum", {"stages": 2}),
-    ("opt", "io-svd", {"stages": 3}),
-]
-
-
-@pytest.mark.parametrize("kind,method,settings", WHOLE_MODEL_CASES,
-                         ids=[f"{k}-{m}-{'-'.join(s) or 'default'}"
-                              for k, m, s in WHOLE_MODEL_CASES])
-def test_block_engine_equals_the_whole_model_path(calib_ids, kind, method, settings):
-    """The block-wise engine (a forward pass, the head, a backward block by block) gives the
-    factors of one whole-model pass holding every statistic at once (the path correction
-    stages still take), on a Llama, a Gemma 3 and an OPT with learned positions."""
-    config = methods.make_config(method, ratio=0.3, **settings)
-    engine_model, whole_model = tiny_model(kind), tiny_model(kind)
-    report = pipeline.compress(engine_model, config, calib_ids, batch_size=4)
-    reference = pipeline.CompressionReport(method, config.settings())
-    targets = pipeline.select_targets(whole_model)
-    pipeline._compress_whole_model(whole_model, config, targets, pipeline.as_calibration(
-        calib_ids), 4, reference, None)
-    assert report.rank_map == reference.rank_map
-    assert [m.int8 for m in report.modules] == [m.int8 for m in reference.modules]
-    # the same stages are kept; each re-cut from gradients summed in another order
-    stages = getattr(config, "stages", 1)
-    assert len(report.stage_losses) == len(reference.stage_losses)
-    assert len(report.stage_losses) >= 2 or stages == 1  # at least one stage was kept
-    assert report.stage_losses == pytest.approx(reference.stage_losses, rel=1e-6)
-    tolerance = 1e-5 * stages
-    expected = whole_model.state_dict()
-    for key, value in engine_model.state_dict().items():
-        scale = max(1.0, expected[key].float().abs().max().item()) if value.numel() else 1.0
-        torch.testing.assert_close(value, expected[key], atol=tolerance * scale, rtol=0,
-                                   msg=key)
+    assert "--update lora is not supported with --stream" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*rankcut-work"))
+    with pytest.raises(ConfigError, match="use the refit update"):
+        streaming.compress_streaming(src, tmp_path / "out", methods.make_config("svd"), None,
+                                     update=update_module.make_update("lora"))
 
 
 def test_allocator_settings_apply_on_glibc():

@@ -40,13 +40,17 @@ def kwarg_sources(model: nn.Module, count: int) -> list[int]:
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
-                         batches: Sequence[torch.Tensor | Calibration]) -> list[Batch]:
+                         batches: Sequence[torch.Tensor | Calibration],
+                         keep_graph: bool = False) -> list[Batch]:
     """Runs the model up to the first decoder block and records that block's inputs.
 
     Args:
         model: the whole model (a vision-language model runs its vision side too).
         blocks: its decoder blocks.
         batches: token-id tensors or ``Calibration`` batches (with images).
+        keep_graph: record the hidden states with their autograd graph (a backward pass
+            through the embeddings and the vision side follows); only the first block's
+            keyword arguments are then recorded.
 
     Returns:
         One (hidden_states, {source block: keyword arguments}) pair per batch. The keyword
@@ -54,7 +58,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
         the first block of each attention type (see ``kwarg_sources``); the forward pass
         stops once all of them are recorded.
     """
-    sources = sorted(set(kwarg_sources(model, len(blocks))))
+    sources = [0] if keep_graph else sorted(set(kwarg_sources(model, len(blocks))))
     captured: list[Batch] = []
 
     def make_hook(index: int):
@@ -63,7 +67,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
             hidden = args[0] if args else kwargs.pop("hidden_states")
             kwargs.pop("hidden_states", None)
             if index == 0:
-                captured.append((hidden.detach(), {}))
+                captured.append((hidden if keep_graph else hidden.detach(), {}))
             captured[-1][1][index] = kwargs
             if index == sources[-1]:
                 raise _StopForward
@@ -74,7 +78,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
     handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i in sources]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
             for batch in batches:
                 inputs = as_calibration(batch).model_inputs(parameter.device, parameter.dtype)
                 try:

@@ -84,6 +84,9 @@ class RankcutHfQuantizer(HfQuantizer):
         markers = {re.escape(name + MARKER_SUFFIX) + "$"
                    for name, rank in self.quantization_config.rank_map.items() if rank}
         model._keys_to_ignore_on_load_unexpected = ignore | markers
+        for name, rank in self.quantization_config.rank_map.items():
+            if rank and "." in name:  # a parent's weight init would read the child's .weight
+                model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -80,9 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grad-batch-size", type=int, default=None,
                    help="samples per gradient pass (zero-sum, io-svd; default 4): with "
                         "--stream it sets the head's logits memory")
-    c.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
-                   help="recompute blocks in the gradient backward pass (zero-sum; default "
-                        "auto: on when stored activations would exceed 1/4 of memory)")
     c.add_argument("--top-k", type=int, default=None,
                    help="next tokens kept by the KL output metric (io-svd; default 5)")
     c.add_argument("--kl-mode", default=None, choices=["exact", "sample"],
@@ -282,7 +279,6 @@ def _compress_settings(args: argparse.Namespace):
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
         stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples,
         grad_batch_size=args.grad_batch_size,
-        checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
         top_k=args.top_k, kl_mode=args.kl_mode, score=args.score, remap=args.remap,
         alpha=args.alpha)
     lora = dict(rank=args.lora_rank, steps=args.lora_steps, batch_size=args.lora_batch_size,
@@ -404,13 +400,13 @@ def _compress_locked(args: argparse.Namespace, device: str, dtype, config, updat
                                  "perplexity runs the whole model); evaluate the output with "
                                  "`rankcut eval --eval-images` afterwards")
     if args.stream:
-        if update_config is not None:
+        if update_config is not None and update_config.name == "lora":
             raise update.ConfigError(
-                f"--update {update_config.name} is not supported with --stream yet (it runs "
-                "on the whole model in memory); drop --stream where the model fits in memory, "
-                "or drop --update")
+                "--update lora is not supported with --stream: it trains the whole model at "
+                "once; use --update refit (block by block), or drop --stream where the model "
+                "fits in memory")
         out, report, dense_ppl, ppl, dense_bytes, kept_bytes = _compress_streamed(
-            args, config, rank_map, device, dtype)
+            args, config, rank_map, device, dtype, update_config)
         if rank > 0:  # process 0 evaluates and writes; the others wait for it
             return distributed.barrier()
         return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
@@ -481,7 +477,8 @@ def _caption_perplexity(model, processor, records) -> float | None:
     return None if records is None else caption_perplexity(model, processor, records).perplexity
 
 
-def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype):
+def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype,
+                       update_config=None):
     """``compress --stream``: compresses block by block from the shards (resuming an
     interrupted run) and evaluates both models the same way.
 
@@ -519,7 +516,7 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     dense_ppl = perplexity(folder)
     report = streaming.compress_streaming(folder, args.output, config, calib, tokenizer,
                                           args.include, args.exclude, args.batch_size, dtype,
-                                          device, rank_map)
+                                          device, rank_map, update_config)
     itemsize = torch.empty(0, dtype=dtype).element_size()  # the source as loaded
     dense_bytes = sum(math.prod(shape) * itemsize
                       for _, shape in checkpoint.tensor_specs(folder).values())

@@ -26,7 +26,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, linalg
-from .checkpoint import replace_with_low_rank
 from .data import IGNORE, as_calibration
 from .engine import (
     BlockRun,
@@ -58,7 +57,6 @@ def correct(run: BlockRun, ranks: dict, plans: dict) -> list[float]:
     """
     work, config = run.work, run.config
     run.compressed, run.seeds, run.weight_grads = True, 0, True
-    _use_low_rank_modules(run)
     _finish_accepted_moves(run)
     losses = list(work.progress.get("stage_losses", []))
     stage = max(2, work.done("stage") + 1)
@@ -83,19 +81,6 @@ def correct(run: BlockRun, ranks: dict, plans: dict) -> list[float]:
     for index in range(len(run.sm.blocks)):  # the model holds the kept blocks
         run.sm.release(run.block(index))
     return losses
-
-
-def _use_low_rank_modules(run: BlockRun) -> None:
-    """Gives a model that does not hold the compressed layers yet (a resumed streamed run)
-    empty ``LowRankLinear`` modules of their layouts, so their shards load into it."""
-    results = run.work.progress["results"]
-    missing = {r["name"]: r for r in results
-               if r["rank"] is not None
-               and not isinstance(run.sm.model.get_submodule(r["name"]), LowRankLinear)}
-    if missing:
-        replace_with_low_rank(run.sm.model, {n: r["rank"] for n, r in missing.items()},
-                              run.targets[next(iter(missing))].weight.dtype, "meta",
-                              {n: r["int8"] for n, r in missing.items() if r["int8"]})
 
 
 def _finish_accepted_moves(run: BlockRun) -> None:

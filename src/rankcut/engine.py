@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from . import distributed, fisher, linalg
 from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
 from .blocks import capture_block_inputs, kwarg_sources
-from .checkpoint import MARKER_SUFFIX, safetensors_problem
+from .checkpoint import MARKER_SUFFIX, replace_with_low_rank, safetensors_problem
 from .data import IGNORE, Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .hooks import InputMomentHooks
@@ -64,7 +64,6 @@ from .hybrid import (
 from .methods import MethodConfig, method_spec
 from .models import block_index, find_decoder_blocks
 from .modules import LowRankLinear
-from .update import UpdateReport
 from .workfolder import WorkFolder, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -92,6 +91,14 @@ class ModuleResult:
             return 2 * m * n
         return factor_bytes(m, n, self.rank, self.int8.get("u_int8", 0),
                             self.int8.get("v_int8", 0))
+
+
+@dataclass
+class UpdateReport:
+    """What a parameter update did: refit errors per module, or the LoRA loss curve."""
+
+    settings: dict
+    log: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +165,12 @@ class CompressionReport:
 
 
 def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
+    """Refuses what a run cannot do, before any work (see ``pipeline.compress``'s errors)."""
+    if update is not None and (calibration is None or calibration.numel() == 0):
+        raise ConfigError(f"the {update.name} update needs calibration token ids")
+    if update is not None and update.name == "lora" and calibration.has_images:
+        raise ConfigError("the lora update trains on text only; drop --calib-images or use "
+                          "--update refit")
     if update is not None and distributed.world()[1] > 1:
         raise ConfigError(f"the {update.name} update is not distributed; run it in one process "
                           "(without torchrun)")
@@ -170,6 +183,12 @@ def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
         extra = sorted(set(rank_map) - set(targets))[:3]
         raise ConfigError(f"rank map does not match the target modules (missing {missing}, "
                           f"unknown {extra})")
+    prefix = find_decoder_blocks(model)[0]
+    outside = [name for name in targets if block_index(name, prefix) is None]
+    if getattr(config, "stages", 1) > 1 and outside:
+        raise ConfigError(f"correction stages (--stages > 1) re-cut the decoder blocks' layers "
+                          f"only, and {outside[0]} is outside them: use --stages 1, or leave it "
+                          "out (--exclude)")
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in targets.items()}
     if rank_map is not None:
         _check_rank_map_fits(rank_map, shapes)
@@ -297,6 +316,14 @@ class Executor(Protocol):
     def write_block(self, work: WorkFolder, index: int, ranks: dict) -> None:
         """Keeps compressed block ``index`` (a shard in ``work`` when streamed)."""
 
+    def keep_outside(self, work: WorkFolder, names: list[str], ranks: dict) -> None:
+        """Keeps the compressed modules ``names`` outside the blocks (work files read
+        back on later loads, when streamed)."""
+
+    def restore_outside(self, work: WorkFolder, results: list[dict]) -> None:
+        """Puts back the compressed modules outside the blocks that ``results`` (of an
+        interrupted run) name."""
+
 
 def outside_modules(model: nn.Module, blocks: nn.ModuleList, skip_head: bool) -> list[nn.Module]:
     """The modules outside the decoder blocks that hold parameters (embeddings, norms, the
@@ -305,7 +332,8 @@ def outside_modules(model: nn.Module, blocks: nn.ModuleList, skip_head: bool) ->
     tied = model.get_output_embeddings()
     embeddings = model.get_input_embeddings()
     skip = tied if skip_head else embeddings
-    if tied is not None and embeddings is not None and tied.weight is embeddings.weight:
+    if (tied is not None and embeddings is not None
+            and getattr(tied, "weight", None) is embeddings.weight):
         skip = None
     inside = {id(m) for m in blocks.modules()}
     return [module for module in model.modules()
@@ -370,6 +398,12 @@ class ResidentModel:
     def write_block(self, work: WorkFolder, index: int, ranks: dict) -> None:
         """Nothing to write: the block was compressed in place."""
 
+    def keep_outside(self, work: WorkFolder, names: list[str], ranks: dict) -> None:
+        """Nothing to write: the modules were compressed in place."""
+
+    def restore_outside(self, work: WorkFolder, results: list[dict]) -> None:
+        """Nothing to restore: an in-memory run never resumes."""
+
 
 @contextlib.contextmanager
 def _head_only(sm: Executor):
@@ -398,30 +432,18 @@ def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
         return sm.model(inputs_embeds=hidden, use_cache=False).logits
 
 
-def beyond_blocks(targets: dict[str, nn.Linear], prefix: str
-                  ) -> str | None:
-    """What of this run the block-wise engine cannot do yet (it then needs the whole-model
-    path, which ``--stream`` lacks): a target outside the decoder blocks ``prefix``; None
-    when the engine does all of it."""
-    outside = [name for name in targets if block_index(name, prefix) is None]
-    if outside:
-        return f"{outside[0]} (a target outside the decoder blocks)"
-    return None
-
-
 def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
                     config: MethodConfig, targets: dict[str, nn.Linear],
                     calibration: Calibration | None, batch_size: int,
                     rank_map: dict[str, int | None] | None,
-                    keep_originals: bool = False) -> None:
+                    refit: bool = False) -> BlockRun:
     """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``, then
     runs its correction stages (``rankcut.correction``) when it has them.
 
     Side effects: swaps the factorized layers into ``sm.model`` (and has the executor keep
     each compressed block: a shard in ``work`` when streamed); frees the replaced layers'
-    weights unless ``keep_originals``; commits every step to ``work`` (a rerun resumes);
-    sets ``report.modules`` (every target's result, in block order) and
-    ``report.stage_losses``.
+    weights; commits every step to ``work`` (a rerun resumes); sets ``report.modules``
+    (every target's result, in block order) and ``report.stage_losses``.
 
     Args:
         sm: the executor.
@@ -432,18 +454,24 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
             without statistics).
         batch_size: samples per forward pass of the input statistics.
         rank_map: {module: rank or None} to use instead of the method's allocation.
-        keep_originals: leave the replaced layers intact (a later update refits to them).
+        refit: a refit follows (``update.refit_blocks``): every process keeps its blocks
+            and the original weights in ``work``.
+
+    Returns:
+        The block run, for the steps that follow on the compressed blocks.
     """
     from .correction import correct  # the stages build on this module's block run
 
     batches, grad_batches = _calibration_batches(config, calibration, batch_size)
-    run = BlockRun(sm, work, config, targets, batches, grad_batches, keep_originals)
+    run = BlockRun(sm, work, config, targets, batches, grad_batches)
+    run.durable = run.correcting or refit
     if config.needs_output_stats and calibration is not None:
         grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
         run.idle_steps = distributed.idle_steps(
             len(calibration[:grad_samples].split(config.grad_batch_size)))
     mode = _mode(config, rank_map)
     run.recover(mode)
+    sm.restore_outside(work, work.progress.get("results", []))
     if mode == "backward":
         run.store_by_backward(scoring=rank_map is None and config.allocation == "global")
     elif mode == "forward":
@@ -454,10 +482,23 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
     else:
         ranks, plans = run.select(rank_map)
     run.write_blocks(ranks, plans, stored=mode != "uniform")
+    if run.durable:
+        run.use_written_layouts()
+    if any(ranks[name] is not None for name in run.post):
+        _untie_head(sm.model)
     if run.correcting:
         report.stage_losses = correct(run, ranks, plans)
     report.modules = [ModuleResult(**{**r, "shape": tuple(r["shape"])})
                       for r in work.progress["results"]]
+    return run
+
+
+def _untie_head(model: nn.Module) -> None:
+    """Records in ``model``'s config that its factorized LM head no longer shares the
+    input embeddings (a loader would otherwise tie them again)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def _mode(config: MethodConfig, rank_map: dict | None) -> str:
@@ -504,18 +545,24 @@ class BlockRun:
 
     def __init__(self, sm: Executor, work: WorkFolder, config: MethodConfig | None,
                  targets: dict[str, nn.Linear], batches: list[torch.Tensor],
-                 grad_batches: int = 0, keep_originals: bool = False) -> None:
+                 grad_batches: int = 0) -> None:
         self.sm, self.work, self.config, self.targets = sm, work, config, targets
-        self.keep_originals = keep_originals
         self.batches, self.grad_batches = batches, grad_batches
         self.idle_steps = 0  # lockstep KL draw steps this process has no batch at
-        self.by_block: dict[int, list[str]] = {}
+        self.by_block: dict[int | None, list[str]] = {}  # None: outside the blocks
         for name in targets:
             self.by_block.setdefault(block_index(name, sm.prefix), []).append(name)
+        head = sm.model.get_output_embeddings()
+        outside = self.by_block.get(None, [])
+        self.post = [name for name in outside if targets[name] is head]  # run after the blocks
+        self.pre = [name for name in outside if name not in self.post]  # run before them
+        self.pre_stats: dict[str, linalg.SecondMoment] = {}
         self.sources = kwarg_sources(sm.model, len(sm.blocks))
         self._kwargs: list[dict] | None = None
         self.compressed = False  # blocks come from the work shards (correction stages)
         self.correcting = getattr(config, "stages", 1) > 1
+        # every process keeps its blocks and the original weights (stages, a refit)
+        self.durable = self.correcting
 
     @property
     def spec(self):
@@ -532,8 +579,13 @@ class BlockRun:
             return self._kwargs
         sm, work = self.sm, self.work
         self._kwargs = []
-        with sm.parts(sm.outside(skip_head=True)), self._blocks_before_last_capture():
+        pre = {name: self.targets[name] for name in self.pre
+               if sm.model.get_submodule(name) is self.targets[name]}  # not compressed yet
+        pre = pre if self.config is not None and self.config.needs_input_stats else {}
+        with sm.parts(sm.outside(skip_head=True)), self._blocks_before_last_capture(), \
+                InputMomentHooks(pre) as hooks:
             for b, ids in enumerate(self.batches):
+                hooks.new_batch()
                 (hidden, kwargs), = capture_block_inputs(sm.model, sm.blocks, [ids])
                 self._kwargs.append(kwargs)
                 if write_inputs or not work.done("capture"):
@@ -541,6 +593,9 @@ class BlockRun:
                         raise CalibrationError("non-finite (NaN/inf) activations at the "
                                                "input of the first decoder block")
                     save_tensors(work.file("acts", 0, b), {"h": hidden})
+        if pre:
+            distributed.sum_moments(hooks.stats)
+            self.pre_stats = _reached(hooks.stats)
         work.commit(capture=1)
         return self._kwargs
 
@@ -632,6 +687,36 @@ class BlockRun:
     def _resume_files(self, mode: str) -> list[tuple[Path, tuple[str, int] | None]]:
         """The work files the committed progress relies on, each with the step (name,
         count) to go back to when it is damaged, or None to start over."""
+        return self._block_resume_files(mode) + [(f, None) for f in self._outside_files(mode)]
+
+    def _outside_files(self, mode: str) -> list[Path]:
+        """The work files of the targets outside the blocks that the committed progress
+        relies on: their stored factors, the inputs their next step reads, and the
+        compressed modules kept as work files."""
+        work, blocks, done = self.work, len(self.sm.blocks), self.work.done
+        factored = []
+        if mode == "backward":
+            factored = (self.post if done("head") else []) + (self.pre if done("pre_stored")
+                                                              else [])
+        elif mode == "forward":
+            factored = (self.pre if done("stored") else []) + (self.post if done("post_stored")
+                                                               else [])
+        files = [work.where("factors", name) for name in distributed.mine(factored)]
+        if mode == "backward" and self.pre and done("backward") == blocks \
+                and not done("pre_stored"):
+            files += [work.where("grads", 0, b) for b in range(self.grad_batches)]
+        top_next = (done("stored") == blocks and not done("post_stored") if mode == "forward"
+                    else mode == "uniform" and self.config.needs_input_stats
+                    and done("written") == blocks and not done("post"))
+        if self.post and top_next:
+            files += self._act_files(blocks)
+        outside = set(self.pre + self.post)
+        files += [work.where("outside", r["name"]) for r in work.progress.get("results", [])
+                  if r["name"] in outside and r["rank"] is not None]
+        return files
+
+    def _block_resume_files(self, mode: str) -> list[tuple[Path, tuple[str, int] | None]]:
+        """:meth:`_resume_files` of the decoder blocks."""
         work, blocks = self.work, len(self.sm.blocks)
         captured = work.done("capture") > 0
         if mode == "backward" and not work.done("head"):  # forward pass: acts/i from acts/i-1
@@ -666,9 +751,10 @@ class BlockRun:
     def _block_files(self, rewritable: bool) -> list[tuple[Path, tuple[str, int] | None]]:
         """The block shards written so far (process 0 writes them), each with the step to
         go back to when it is damaged: rewriting it when ``rewritable``."""
-        if distributed.world()[0] != 0 and not self.correcting:
+        if distributed.world()[0] != 0 and not self.durable:
             return []
-        rewritable = rewritable and not self.work.done("stage")  # a corrected block is not
+        # a corrected or refitted block cannot be written again from the stored factors
+        rewritable = rewritable and not (self.work.done("stage") or self.work.done("refit"))
         return [(self.work.where("blocks", f"block-{i:05d}"), ("written", i) if rewritable
                  else None) for i in range(self.work.done("written"))]
 
@@ -684,6 +770,11 @@ class BlockRun:
         results = work.progress.setdefault("results", [])
         if needs_acts:
             self.kwargs()
+        if self.pre and not work.done("pre"):  # the blocks see the compressed outputs
+            self._write_outside(self.pre, ranks, plans, stored, self.pre_stats)
+            if needs_acts:
+                self.kwargs(write_inputs=True)
+            work.commit(pre=1, results=results)
         for index in tqdm(range(work.done("written"), len(sm.blocks)),
                           desc=f"{config.name} blocks", unit="block"):
             block = sm.block(index)
@@ -698,17 +789,66 @@ class BlockRun:
                                   decompose, plans)
             for name in names:
                 results.append(asdict(done[name]))
-                if ranks[name] is not None and not self.keep_originals:
+                if ranks[name] is not None:
                     self.targets[name].to("meta")  # swapped out: free its weight
             if needs_acts and after:
                 self.forward(block, index)
-            if self.correcting:  # every process reads its blocks back in the stages
+            if self.durable:  # every process reads its blocks back (stages, a refit)
                 save_block(work, "blocks", sm, index, ranks)
             else:
                 sm.write_block(work, index, ranks)
             work.commit(written=index + 1, results=results)
             work.drop("acts", index)
             sm.release(block)
+        if self.post and not work.done("post"):
+            stats = self._head_stats() if needs_acts else {}
+            self._write_outside(self.post, ranks, plans, stored, stats)
+            work.commit(post=1, results=results)
+            work.drop("acts", len(sm.blocks))
+
+    def _write_outside(self, names: list[str], ranks: dict, plans: dict, stored: bool,
+                       stats: dict) -> None:
+        """Factorizes the targets ``names`` outside the blocks (from ``stats`` or the
+        stored factors), appends their results and has the executor keep them."""
+        sm, work = self.sm, self.work
+        with sm.parts([self.targets[name] for name in names]):
+            decompose = functools.partial(self._decompose_owned, set(distributed.mine(names)),
+                                          stats, stored, ranks)
+            with torch.no_grad():
+                done = factorize(sm.model, {n: self.targets[n] for n in names}, ranks,
+                                  decompose, plans)
+            work.progress["results"].extend(asdict(done[name]) for name in names)
+            sm.keep_outside(work, [n for n in names if ranks[n] is not None], ranks)
+        for name in names:
+            if ranks[name] is not None:
+                self.targets[name].to("meta")
+
+    def _head_stats(self) -> dict[str, linalg.SecondMoment]:
+        """Input statistics of the targets after the blocks (the LM head) on every batch,
+        from the last block's outputs."""
+        sm, top = self.sm, len(self.sm.blocks)
+        post = {name: self.targets[name] for name in self.post}
+        with sm.parts(sm.outside(skip_head=False)), InputMomentHooks(post) as hooks, \
+                torch.no_grad():
+            for b in range(len(self.batches)):
+                hidden = self.acts(top, b)
+                for i in range(hidden.shape[0]):  # a sample's logits at a time
+                    hooks.new_batch()
+                    head_logits(sm, hidden[i:i + 1])
+        distributed.sum_moments(hooks.stats)
+        return _reached(hooks.stats)
+
+    def use_written_layouts(self) -> None:
+        """Gives a model that does not hold the compressed layers of its written blocks (a
+        resumed streamed run) empty ``LowRankLinear`` modules of their layouts, so that
+        the block shards load into it."""
+        missing = {r["name"]: r for r in self.work.progress["results"]
+                   if r["rank"] is not None and block_index(r["name"], self.sm.prefix) is not None
+                   and not isinstance(self.sm.model.get_submodule(r["name"]), LowRankLinear)}
+        if missing:
+            replace_with_low_rank(self.sm.model, {n: r["rank"] for n, r in missing.items()},
+                                  self.targets[next(iter(missing))].weight.dtype, "meta",
+                                  {n: r["int8"] for n, r in missing.items() if r["int8"]})
 
     def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, ranks: dict,
                          name: str):
@@ -718,7 +858,7 @@ class BlockRun:
         kept in the work folder."""
         if name not in owned:
             return None
-        if self.correcting and ranks[name] is not None:
+        if self.durable and ranks[name] is not None:
             save_tensors(self.work.file("originals", name), {"w": self.targets[name].weight})
         if stored:
             return StoredFactors.load(self.work, name)
@@ -734,23 +874,50 @@ class BlockRun:
         """SVD-LLM v2: decomposes every target from its block's input statistics and
         stores the factors, one block per committed step."""
         sm, work = self.sm, self.work
+        self.scoring = self.loss_aware = False
         self.kwargs()
+        if self.pre and not work.done("stored"):
+            with sm.parts([self.targets[name] for name in self.pre]):
+                self._store_all(self.pre, self.pre_stats, {}, {})
         for index in tqdm(range(work.done("stored"), len(sm.blocks)),
                           desc=f"{self.config.name} decompose", unit="block"):
             block = sm.block(index)
             names = self.by_block.get(index, [])
             stats = self.block_stats(block, index, names, write_next=True)
             distributed.sum_moments(stats)
-            with torch.no_grad():
-                for name in distributed.mine(names):
-                    moment = _last_use(stats, name)
-                    decomposition = self.spec.decompose(self.config, self.targets[name].weight,
-                                                        moment, None)
-                    StoredFactors.save(work, name, decomposition, {}, moment.count)
-                    del decomposition, moment
+            self._store_all(names, stats, {}, {})
             work.commit(stored=index + 1)
             work.drop("acts", index)
             sm.release(block)
+        if self.post and not work.done("post_stored"):
+            stats = self._head_stats()
+            with sm.parts([self.targets[name] for name in self.post]):
+                self._store_all(self.post, stats, {}, {})
+            work.commit(post_stored=1)
+            work.drop("acts", len(sm.blocks))
+
+    def _store_all(self, names: list[str], stats: dict, outputs: dict, grads: dict) -> None:
+        """Decomposes the targets ``names`` this process owns (their weights loaded) from
+        their statistics and stores their factors, with the component scores
+        (``self.scoring``) and the row loss changes (``self.loss_aware``)."""
+        config = self.config
+        with torch.no_grad():
+            for name in distributed.mine(names):
+                moment = _last_use(stats, name)
+                decomposition = self.spec.decompose(config, self.targets[name].weight, moment,
+                                                    _last_use(outputs, name))
+                grad = grads.pop(name, None)
+                extra = {}
+                if self.scoring:
+                    extra["scores"] = self.spec.score(config, decomposition, grad)
+                if self.loss_aware:  # each row's change is the same at every rank: store all
+                    extra["u_changes"], extra["v_changes"] = row_loss_changes(
+                        decomposition, decomposition.sigma.numel(), grad)
+                StoredFactors.save(self.work, name, decomposition, extra,
+                                   moment.count if moment is not None else 0)
+                if self.correcting:
+                    save_whitening(self.work, name, decomposition)
+                del decomposition, moment, grad
 
     def store_by_backward(self, scoring: bool) -> None:
         """Zero-sum / IO-SVD: forward through every block keeping its inputs on disk, loss
@@ -758,7 +925,8 @@ class BlockRun:
         gathers each block's input statistics, loss gradients and output metric,
         decomposes its targets and stores their factors and component scores."""
         config = self.config
-        loss_aware = getattr(config, "remap", None) == "loss-aware"
+        self.scoring = scoring
+        self.loss_aware = loss_aware = getattr(config, "remap", None) == "loss-aware"
         self.weight_grads = config.needs_row_fisher or (
             getattr(config, "needs_loss_gradients", False) and (scoring or loss_aware))
         self.seeds = config.top_k if config.needs_output_stats and config.kl_mode == "exact" \
@@ -773,27 +941,15 @@ class BlockRun:
             names = self.by_block.get(index, [])
             layers = {name: self.targets[name] for name in names}
             stats, outputs, grads = self.backward_block(block, index, layers)
-            with torch.no_grad():
-                for name in distributed.mine(names):
-                    moment = _last_use(stats, name)
-                    decomposition = self.spec.decompose(config, self.targets[name].weight,
-                                                        moment, _last_use(outputs, name))
-                    grad = grads.pop(name, None)
-                    extra = {}
-                    if scoring:
-                        extra["scores"] = self.spec.score(config, decomposition, grad)
-                    if loss_aware:  # each row's change is the same at every rank: store all
-                        extra["u_changes"], extra["v_changes"] = row_loss_changes(
-                            decomposition, decomposition.sigma.numel(), grad)
-                    StoredFactors.save(work, name, decomposition, extra,
-                                       moment.count if moment is not None else 0)
-                    if self.correcting:
-                        save_whitening(work, name, decomposition)
-                    del decomposition, moment, grad
+            self._store_all(names, stats, outputs, grads)
             work.commit(backward=len(sm.blocks) - index)
             work.drop("grads", index + 1)
             work.drop("acts", index)
             sm.release(block)
+        if self.pre and not work.done("pre_stored"):
+            self._pre_backward()
+            work.commit(pre_stored=1)
+        work.drop("grads", 0)
 
     def _forward_all(self) -> None:
         """Runs the original blocks on every batch, keeping every block's inputs."""
@@ -816,41 +972,73 @@ class BlockRun:
         def draws(probs):  # every process replays the draws in global batch order
             return fisher.kl_draws(probs, config.kl_mode, generator)
 
+        layers = {name: self.targets[name] for name in self.post}
         total, count = 0.0, 0
-        with sm.parts(sm.outside(skip_head=False)):
+        with sm.parts(sm.outside(skip_head=False)), \
+                InputMomentHooks(layers if config.needs_input_stats else {}) as hooks, \
+                _KeptOutputs(layers) as kept:
+            post = _HeadTargets(layers, hooks, kept,
+                                _LayerSums(layers, self.seeds, config.needs_row_fisher))
+            for layer in layers.values():
+                layer.weight.requires_grad_(self.weight_grads)
             for b in tqdm(range(self.grad_batches), desc="head", unit="batch"):
                 batch = as_calibration(self.batches[b])
+                hooks.new_batch()
                 loss, vectors = self.head_batch(self.acts(top, b),
-                                                 batch.targets.to(sm.device), draws)
+                                                batch.targets.to(sm.device), draws, post)
                 total += loss
                 count += batch.predicted
                 save_tensors(work.file("grads", top, b), vectors or {"none": torch.zeros(1)})
             if self.seeds:
                 for _ in range(self.idle_steps):
                     distributed.lockstep(None, draws)
-        total, count = distributed.sum_numbers(total, count)
+            for layer in layers.values():
+                layer.weight.requires_grad_(False)
+            total, count = distributed.sum_numbers(total, count)
+            if layers:
+                self._store_post(post, count)
         logger.info("calibration loss of the original model: %.4f", total / max(count, 1))
         work.commit(head=1, loss_tokens=count)
         work.drop("acts", top)
 
-    def head_batch(self, hidden: torch.Tensor, targets: torch.Tensor, draws
-                    ) -> tuple[float, dict[str, torch.Tensor]]:
+    def _store_post(self, post: _HeadTargets, tokens: int) -> None:
+        """Decomposes and stores the targets after the blocks (the LM head, loaded) from
+        what the head pass gathered, their input statistics completed on the batches
+        outside the gradients."""
+        if post.hooks.layers:
+            with torch.no_grad():
+                for b in range(self.grad_batches, len(self.batches)):
+                    hidden = self.acts(len(self.sm.blocks), b)
+                    post.hooks.new_batch()
+                    for i in range(hidden.shape[0]):
+                        head_logits(self.sm, hidden[i:i + 1])
+            distributed.sum_moments(post.hooks.stats)
+            _reached(post.hooks.stats)
+        outputs, grads = post.sums.reduce(tokens, self.weight_grads)
+        self._store_all(self.post, post.hooks.stats, outputs, grads)
+
+    def head_batch(self, hidden: torch.Tensor, targets: torch.Tensor, draws,
+                   post: _HeadTargets | None = None) -> tuple[float, dict[str, torch.Tensor]]:
         """The summed loss of one batch and the vectors it seeds at the last block's output:
         the loss gradient (of the ``targets`` tokens, ``IGNORE`` where none is predicted)
-        and the KL pseudo-gradients. The head runs one sample at a time
-        (a batch's logits are a run's largest tensors). The KL draws come in the order of a
-        whole-batch draw: sample by sample in one process (the CPU generator gives the same
-        numbers in pieces), for the whole batch first under torch.distributed, where every
-        process replays every batch's draws in global batch order."""
+        and the KL pseudo-gradients; with ``post``, also what its layers (targets inside
+        the head) gather: input statistics, the batch's weight gradients, the metric. The
+        head runs one sample at a time (a batch's logits are a run's largest tensors). The
+        KL draws come in the order of a whole-batch draw: sample by sample in one process
+        (the CPU generator gives the same numbers in pieces), for the whole batch first
+        under torch.distributed, where every process replays every batch's draws in
+        global batch order."""
         sm, config = self.sm, self.config
+        layers = post.layers if post is not None else {}
+        weights = [layer.weight for layer in layers.values()] if self.weight_grads else []
         samples = range(hidden.shape[0])
         drawn = None
         if self.seeds and distributed.world()[1] > 1:
-            with torch.no_grad():
+            with torch.no_grad(), _paused(post):
                 probs = torch.cat([fisher.top_k_probs(head_logits(sm, hidden[i:i + 1])[:, :-1],
                                                       config.top_k)[0] for i in samples])
             drawn = distributed.lockstep(probs, draws)
-        total, vectors = 0.0, {}
+        total, vectors, batch_grads = 0.0, {}, {}
         for i in samples:
             h = hidden[i:i + 1].requires_grad_(True)
             with torch.enable_grad():
@@ -861,14 +1049,24 @@ class BlockRun:
                     raise CalibrationError("calibration loss is not finite; the model "
                                            "produced NaN/inf")
                 if self.weight_grads:
-                    vectors.setdefault("loss", []).extend(
-                        torch.autograd.grad(loss, h, retain_graph=True))
+                    got = torch.autograd.grad(loss, [h, *weights], retain_graph=True)
+                    vectors.setdefault("loss", []).append(got[0])
+                    for name, g in zip(layers, got[1:], strict=True):
+                        batch_grads[name] = g if name not in batch_grads else batch_grads[name] + g
                 counted = (targets[i] != IGNORE)[None, :, None]  # unpredicted: no KL term
                 for k, seed in enumerate(self._seeds(logits.detach(), drawn, i, draws)):
                     seed = seed.to(logits.device) * counted.to(logits.device, seed.dtype)
-                    vectors.setdefault(f"seed{k}", []).extend(torch.autograd.grad(
-                        logits, h, seed.to(logits.dtype), retain_graph=True))
+                    outs = [post.kept.outputs[n] for n in layers]
+                    got = torch.autograd.grad(logits, [h, *outs], seed.to(logits.dtype),
+                                              retain_graph=True)
+                    vectors.setdefault(f"seed{k}", []).append(got[0])
+                    for name, g in zip(layers, got[1:], strict=True):
+                        post.sums.add_output_gradient(name, g, new_tokens=k == 0)
+                if post is not None:
+                    post.kept.outputs.clear()
             total += loss.item()
+        for name, g in batch_grads.items():
+            post.sums.add_batch_gradient(name, g)
         return total, {key: torch.cat(parts) for key, parts in vectors.items()}
 
     def _seeds(self, logits: torch.Tensor, drawn: torch.Tensor | None, i: int, draws):
@@ -892,11 +1090,7 @@ class BlockRun:
         """
         work, config = self.work, self.config
         input_stats = input_stats and config.needs_input_stats
-        sums = {n: torch.zeros(layer.weight.shape) for n, layer in layers.items()}
-        metric = {n: linalg.SecondMoment.zeros(layer.out_features, layer.weight.device)
-                  for n, layer in layers.items()} if self.seeds else {}
-        rows = {n: torch.zeros(layer.out_features, dtype=torch.float64)
-                for n, layer in layers.items()} if config.needs_row_fisher else {}
+        acc = _LayerSums(layers, self.seeds, config.needs_row_fisher)
         weights = [layer.weight for layer in layers.values()]
         for w in weights:
             w.requires_grad_(self.weight_grads)
@@ -917,29 +1111,64 @@ class BlockRun:
                                               retain_graph=True)
                     below["loss"] = got[0]
                     for name, g in zip(layers, got[1:], strict=True):
-                        g = g.float().cpu()
-                        sums[name] += g
-                        if rows:  # FWSVD: Σ_j (∂L_b/∂W_ij)² of this batch
-                            rows[name] += g.double().square().sum(1)
+                        acc.add_batch_gradient(name, g)
                 for k in range(self.seeds):
                     outs = [kept.outputs[n] for n in layers]
                     got = torch.autograd.grad(out, [hidden, *outs], upstream[f"seed{k}"],
                                               retain_graph=True)
                     below[f"seed{k}"] = got[0]
                     for name, g in zip(layers, got[1:], strict=True):
-                        if not torch.isfinite(g).all():
-                            raise CalibrationError(f"non-finite KL pseudo-gradient at {name}")
-                        metric[name].update(g, new_tokens=k == 0)
+                        acc.add_output_gradient(name, g, new_tokens=k == 0)
                 kept.outputs.clear()
                 save_tensors(work.file("grads", index, b), below or {"none": torch.zeros(1)})
         for w in weights:
             w.requires_grad_(False)
         distributed.sum_moments(hooks.stats)
-        distributed.sum_moments(metric)
-        distributed.sum_tensors([*sums.values(), *rows.values()])
-        tokens = work.progress["loss_tokens"]
-        grads = {n: s / tokens for n, s in sums.items()} if self.weight_grads else {}
-        return hooks.stats, rows or metric, grads
+        outputs, grads = acc.reduce(work.progress["loss_tokens"], self.weight_grads)
+        return hooks.stats, outputs, grads
+
+    def _pre_backward(self) -> None:
+        """The targets before the blocks (a VLM's projector or vision tower): the first
+        block's input is computed again with its graph, the vectors the block-wise backward
+        left there (grads/0) are back-propagated through it, and the layers' loss
+        gradients and output statistics are gathered; then they are decomposed and stored
+        (their input statistics come from the capture). Batches that do not reach a layer
+        (text-only batches for a vision layer) are skipped for it."""
+        sm, work, config = self.sm, self.work, self.config
+        layers = {name: self.targets[name] for name in self.pre}
+        with sm.parts(sm.outside(skip_head=True)), _KeptOutputs(layers) as kept:
+            acc = _LayerSums(layers, self.seeds, config.needs_row_fisher)  # on their device
+            weights = [layer.weight for layer in layers.values()]
+            for w in weights:
+                w.requires_grad_(True)
+            for b in tqdm(range(self.grad_batches), desc="before the blocks", unit="batch"):
+                upstream = load_tensors(work.file("grads", 0, b), sm.device)
+                with torch.enable_grad():
+                    (hidden, _), = capture_block_inputs(sm.model, sm.blocks, [self.batches[b]],
+                                                        keep_graph=True)
+                if not hidden.requires_grad:  # no target ran on this batch
+                    continue
+                if self.weight_grads:
+                    got = torch.autograd.grad(hidden, weights, upstream["loss"],
+                                              retain_graph=True, allow_unused=True)
+                    for name, g in zip(layers, got, strict=True):
+                        if g is not None:
+                            acc.add_batch_gradient(name, g)
+                reached = [name for name in layers if name in kept.outputs]
+                for k in range(self.seeds if reached else 0):
+                    got = torch.autograd.grad(hidden, [kept.outputs[n] for n in reached],
+                                              upstream[f"seed{k}"], retain_graph=True,
+                                              allow_unused=True)
+                    for name, g in zip(reached, got, strict=True):
+                        if g is None:  # e.g. a vision layer after the one the model reads
+                            raise CalibrationError(f"the output of {name} does not reach "
+                                                   "the logits")
+                        acc.add_output_gradient(name, g, new_tokens=k == 0)
+                kept.outputs.clear()
+            for w in weights:
+                w.requires_grad_(False)
+            outputs, grads = acc.reduce(work.progress["loss_tokens"], self.weight_grads)
+            self._store_all(self.pre, self.pre_stats, outputs, grads)
 
     def select(self, rank_map: dict | None) -> tuple[dict, dict]:
         """Ranks (and int8 row plans) from the stored sigmas and scores, or ``rank_map``."""
@@ -994,6 +1223,22 @@ class BlockRun:
                                         for n, (m, k) in shapes.items()})
 
 
+def _reached(stats: dict[str, linalg.SecondMoment]) -> dict[str, linalg.SecondMoment]:
+    """Returns ``stats`` once every layer has seen a token.
+
+    Raises:
+        CalibrationError: no calibration sample reaches one of the layers (e.g. a vision
+            layer without image samples, or a module the model never runs).
+    """
+    unseen = [name for name, stat in stats.items() if stat.count == 0]
+    if unseen:
+        raise CalibrationError(f"no calibration sample reaches {unseen[0]}: a vision-side "
+                               "module needs image samples (--calib-images), and a module "
+                               "the model never runs (e.g. an unused pooling head) must be "
+                               "left out with --exclude")
+    return stats
+
+
 def _last_use(stats: dict[str, linalg.SecondMoment], name: str
               ) -> linalg.SecondMoment | None:
     """Pops ``name``'s statistics; when no other module shares them they are marked
@@ -1002,6 +1247,65 @@ def _last_use(stats: dict[str, linalg.SecondMoment], name: str
     if moment is not None and not any(other is moment for other in stats.values()):
         moment.consumable = True
     return moment
+
+
+@dataclass
+class _HeadTargets:
+    """The targets inside the head (the LM head) during the head pass: their input hooks,
+    kept outputs and backward sums."""
+
+    layers: dict[str, nn.Linear]
+    hooks: InputMomentHooks
+    kept: _KeptOutputs
+    sums: _LayerSums
+
+
+@contextlib.contextmanager
+def _paused(post: _HeadTargets | None):
+    """Pauses ``post``'s input hooks (a pass that must not count)."""
+    if post is None:
+        yield
+        return
+    post.hooks.active = False
+    try:
+        yield
+    finally:
+        post.hooks.active = True
+
+
+class _LayerSums:
+    """What a backward pass sums per layer: the loss gradients G (float32, on the CPU),
+    FWSVD's row Fisher Σ_b Σ_j (∂L_b/∂W_ij)² (when ``row_fisher``) and IO-SVD's output
+    metric (when there are KL ``seeds``)."""
+
+    def __init__(self, layers: dict[str, nn.Linear], seeds: int, row_fisher: bool) -> None:
+        self.sums = {n: torch.zeros(layer.weight.shape) for n, layer in layers.items()}
+        self.metric = {n: linalg.SecondMoment.zeros(layer.out_features, layer.weight.device)
+                       for n, layer in layers.items()} if seeds else {}
+        self.rows = {n: torch.zeros(layer.out_features, dtype=torch.float64)
+                     for n, layer in layers.items()} if row_fisher else {}
+
+    def add_batch_gradient(self, name: str, grad: torch.Tensor) -> None:
+        """Adds one batch's ∂L_b/∂W of layer ``name``."""
+        grad = grad.float().cpu()
+        self.sums[name] += grad
+        if self.rows:
+            self.rows[name] += grad.double().square().sum(1)
+
+    def add_output_gradient(self, name: str, grad: torch.Tensor, new_tokens: bool) -> None:
+        """Adds one KL pseudo-gradient at layer ``name``'s output to its metric."""
+        if not torch.isfinite(grad).all():
+            raise CalibrationError(f"non-finite KL pseudo-gradient at {name}")
+        self.metric[name].update(grad, new_tokens=new_tokens)
+
+    def reduce(self, tokens: int, weight_grads: bool
+               ) -> tuple[dict[str, linalg.SecondMoment | torch.Tensor], dict]:
+        """Sums over processes; returns ({layer: row Fisher or metric}, {layer: G = sum /
+        ``tokens``}, empty without ``weight_grads``)."""
+        distributed.sum_moments(self.metric)
+        distributed.sum_tensors([*self.sums.values(), *self.rows.values()])
+        grads = {n: s / tokens for n, s in self.sums.items()} if weight_grads else {}
+        return self.rows or self.metric, grads
 
 
 class _KeptOutputs:

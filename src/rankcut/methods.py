@@ -131,9 +131,6 @@ class ZeroSumConfig(SVDLLMConfig):
             (a stage that cannot lower the calibration loss ends the sequence).
         grad_samples: calibration samples used for gradients (None = all).
         grad_batch_size: samples per forward/backward pass of the gradient computation.
-        checkpointing: recompute decoder blocks in the backward pass instead of storing
-            their activations; None (default) turns it on when the stored activations would
-            exceed a quarter of the device's memory.
     """
 
     name: ClassVar[str] = "zero-sum"
@@ -143,7 +140,6 @@ class ZeroSumConfig(SVDLLMConfig):
     stages: int = 1
     grad_samples: int | None = None
     grad_batch_size: int = 4
-    checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

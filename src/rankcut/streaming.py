@@ -36,24 +36,22 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import (
+    MARKER_SUFFIX,
     record_shard_digests,
+    replace_with_low_rank,
     write_dir_atomically,
 )
 from .data import Calibration, as_calibration
 from .engine import (
     BlockRun,
     CompressionReport,
-    beyond_blocks,
     check_inputs,
     compress_blocks,
     head_logits,
     outside_modules,
     save_block,
 )
-from .errors import (
-    ConfigError,
-    ModelLoadError,
-)
+from .errors import ConfigError, ModelLoadError
 from .evaluation import PerplexityResult, split_windows, summarize
 from .methods import MethodConfig
 from .models import (
@@ -66,6 +64,7 @@ from .models import (
 )
 from .modules import LowRankLinear
 from .outputs import check_replaceable
+from .update import RefitConfig, UpdateConfig, apply_update
 from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     PROGRESS,
     WORK_SUFFIX,
@@ -169,8 +168,6 @@ class StreamedModel:
             self.model = model_class.from_config(config, dtype=dtype).eval()
         self.model.tie_weights()  # tied parameters become one object, loaded once
         if isinstance(entry, dict) and entry.get("quant_method") == "rankcut":
-            from .checkpoint import replace_with_low_rank
-
             replace_with_low_rank(self.model, entry["rank_map"], dtype, "meta",
                                   entry.get("int8_layout"))
         self.reader.use_model_names(self.model)
@@ -182,6 +179,7 @@ class StreamedModel:
         # every name of a tied parameter, by name (parameter objects are replaced as
         # parts are loaded, released and compressed, so their ids are no key)
         self._aliases = {name: names for names in by_tensor.values() for name in names}
+        self.overlay: dict[str, Path] = {}  # compressed modules outside the blocks: work files
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         owner, _, leaf = name.rpartition(".")
@@ -199,26 +197,37 @@ class StreamedModel:
         prefix = self._names[id(module)]
         for name, _ in list(module.named_parameters(prefix=prefix)):
             aliases = self._aliases.get(name, [name])
-            stored = next((a for a in aliases if a in self.reader), None)
+            stored = next((a for a in aliases if a in self.overlay or a in self.reader), None)
             if stored is None:
                 raise ModelLoadError(f"{name} is in none of the shards of {self.folder}")
-            tensor = nn.Parameter(self.reader.get(stored, self.dtype, self.device),
-                                  requires_grad=False)
+            tensor = nn.Parameter(self.read(stored, self.dtype), requires_grad=False)
             for alias in aliases:
                 self._set(alias, tensor)
         for name, buffer in list(module.named_buffers(prefix=prefix)):
-            if name in self.reader:
+            if name in self.overlay or name in self.reader:
                 dtype = self.dtype if buffer.is_floating_point() else buffer.dtype
-                self._set(name, self.reader.get(name, dtype, self.device))
+                self._set(name, self.read(name, dtype))
         for sub in module.modules():
             if isinstance(sub, LowRankLinear):
                 sub.use_fast_layout_()
         return module
 
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One stored tensor (cast to ``dtype``, on the device): from the work files of the
+        compressed modules outside the blocks, else from the shards."""
+        if name in self.overlay:
+            with safe_open(self.overlay[name], framework="pt", device=str(self.device)) as f:
+                return f.get_tensor(name).to(dtype)
+        return self.reader.get(name, dtype, self.device)
+
     def release(self, module: nn.Module) -> None:
         """Puts ``module``'s parameters (and their tied copies) back on the meta device,
-        freeing their memory. Mutates the skeleton."""
+        freeing their memory. Mutates the skeleton; a module compressed away is only
+        moved to the meta device itself."""
         prefix = self._names.get(id(module))
+        if prefix is not None and self.model.get_submodule(prefix) is not module:
+            module.to("meta")
+            return
         for name, param in list(module.named_parameters(prefix=prefix)):
             empty = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
             for alias in self._aliases.get(name, [name]):
@@ -242,6 +251,41 @@ class StreamedModel:
         process holds the same block)."""
         if distributed.world()[0] == 0:
             save_block(work, "blocks", self, index, ranks)
+
+    def keep_outside(self, work: WorkFolder, names: list[str], ranks: dict) -> None:
+        """Writes each compressed module ``names`` outside the blocks to a work file (with
+        its marker), reads it from there from now on and releases it."""
+        for name in names:
+            module = self.model.get_submodule(name)
+            state = dict(module.state_dict(prefix=name + "."))
+            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
+            path = work.file("outside", name)
+            save_tensors(path, state)
+            self._use_outside(name, state, path)
+            self.release(module)
+
+    def restore_outside(self, work: WorkFolder, results: list[dict]) -> None:
+        """After a restart: gives the compressed modules outside the blocks that ``results``
+        name their empty ``LowRankLinear`` again, read from the work files."""
+        for result in results:
+            name = result["name"]
+            if (result["rank"] is None or block_index(name, self.prefix) is not None
+                    or isinstance(self.model.get_submodule(name), LowRankLinear)):
+                continue
+            replace_with_low_rank(self.model, {name: result["rank"]}, self.dtype, "meta",
+                                  {name: result["int8"]} if result["int8"] else None)
+            path = work.file("outside", name)
+            with safe_open(path, framework="pt") as f:
+                self._use_outside(name, dict.fromkeys(f.keys()), path)
+
+    def _use_outside(self, name: str, state: dict, path: Path) -> None:
+        """Reads the tensors of ``state`` from ``path``; the replaced module's names stop
+        being aliases of a tied parameter."""
+        self.overlay.update(dict.fromkeys(state, path))
+        self._names[id(self.model.get_submodule(name))] = name
+        inside = name + "."
+        self._aliases = {key: [a for a in names if not a.startswith(inside)]
+                         for key, names in self._aliases.items() if not key.startswith(inside)}
 
     @contextlib.contextmanager
     def parts(self, modules: list[nn.Module]):
@@ -270,6 +314,7 @@ class StreamSettings:
     batch_size: int
     dtype: torch.dtype
     rank_map: dict | None
+    update: UpdateConfig | None = None
 
     def fingerprint(self) -> str:
         """A digest of everything that determines the output; a rerun resumes only when
@@ -283,6 +328,7 @@ class StreamSettings:
             "settings": self.config.settings(), "include": self.include,
             "exclude": self.exclude, "batch_size": self.batch_size, "dtype": str(self.dtype),
             "rank_map": self.rank_map, "version": __version__,
+            "update": self.update.settings() if self.update is not None else None,
             "calib_shape": None if calib is None else list(calib.shape),
         }, sort_keys=True).encode())
         if calib is not None:
@@ -306,6 +352,7 @@ def compress_streaming(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     rank_map: dict[str, int | None] | None = None,
+    update: UpdateConfig | None = None,
 ) -> CompressionReport:
     """Compresses the safetensors model in ``source`` into the checkpoint folder ``output``
     without ever holding more than one decoder block (plus the embeddings or the head).
@@ -320,6 +367,8 @@ def compress_streaming(
         output: the checkpoint folder to write.
         config, calibration, include, exclude, batch_size, rank_map: as for
             ``pipeline.compress``.
+        update: the closed-form refit after truncation (``update.RefitConfig``), run block
+            by block too, or None.
         tokenizer: saved into ``output`` when given.
         dtype: dtype of the loaded weights and of the output.
         device: where blocks are computed.
@@ -328,27 +377,30 @@ def compress_streaming(
         The report, as ``pipeline.compress`` gives it.
 
     Raises:
-        ConfigError: a setting streaming does not support yet (correction stages,
-            targets outside the decoder blocks).
+        ConfigError: the LoRA update (it trains the whole model in memory), or as
+            ``pipeline.compress``.
         ModelLoadError, CalibrationError, UnsupportedModelError: as ``pipeline.compress``.
     """
+    if update is not None and not isinstance(update, RefitConfig):
+        raise ConfigError(f"the {update.name} update is not supported with streaming: it "
+                          "trains the whole model at once; use the refit update (block by "
+                          "block), or compress in memory")
     calibration = None if calibration is None else as_calibration(calibration)
     sm = StreamedModel(source, dtype, device)
     output = Path(output)
     check_replaceable(output)  # now, not after the whole run
     targets = select_targets(sm.model, include, exclude)
-    check_inputs(sm.model, config, targets, calibration, rank_map, None)
-    unsupported = beyond_blocks(targets, sm.prefix)
-    if unsupported:
-        raise ConfigError(f"{unsupported} is not supported with streaming yet; "
-                          "compress in memory")
+    check_inputs(sm.model, config, targets, calibration, rank_map, update)
     settings = StreamSettings(str(source), str(output), config, calibration, include,
-                              exclude, batch_size, dtype, rank_map)
+                              exclude, batch_size, dtype, rank_map, update)
     rank, size = distributed.world()
     work = WorkFolder(output, settings.fingerprint(), f"-{rank}-of-{size}" if size > 1 else "")
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    compress_blocks(sm, work, report, config, targets, calibration, batch_size, rank_map)
+    run = compress_blocks(sm, work, report, config, targets, calibration, batch_size,
+                          rank_map, refit=update is not None)
+    if update is not None:
+        report.update = apply_update(run, update, calibration, batch_size)
     report.seconds = time.perf_counter() - start
     sm.model.config.quantization_config = report.quantization_config()
     if rank == 0:  # under torch.distributed, process 0 writes; the others wait
@@ -370,7 +422,9 @@ def _assemble(sm: StreamedModel, work: WorkFolder, output: Path, tokenizer) -> N
     blocks_dir = work.path / "blocks"
     block_names = set(sm.blocks.state_dict(prefix=sm.prefix + ".")) | {
         n for n in sm.reader.weight_map if block_index(n, sm.prefix) is not None}
-    outside = [n for n in sm.model.state_dict() if n not in block_names and n in sm.reader]
+    outside = [n for n in sm.model.state_dict() if n not in block_names and n in sm.reader
+               and n not in sm.overlay]
+    outside += list(sm.overlay)  # compressed modules outside the blocks, with their markers
 
     def write(tmp: Path) -> None:
         weight_map: dict[str, str] = {}
@@ -386,7 +440,9 @@ def _assemble(sm: StreamedModel, work: WorkFolder, output: Path, tokenizer) -> N
                 save_file({k: v.contiguous() for k, v in group.items()}, tmp / shard)
                 weight_map.update(dict.fromkeys(group, shard))
                 group = {}
-            if name is not None:
+            if name in sm.overlay:  # as stored (int8 rows stay int8)
+                group[name] = load_tensors(sm.overlay[name])[name]
+            elif name is not None:
                 group[name] = sm.reader.get(name, sm.dtype, "cpu")
         index = {"metadata": {"format": "pt"}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -6,6 +6,8 @@ Two stages, each with a frozen config dataclass:
   factorized layer and W_u is re-solved in closed form (W_v fixed) so the layer's outputs
   match the original layer's outputs: W x_c (SVD-LLM's objective, the default) or W x_o on
   the original model's activations (which also tries to undo the error of earlier layers).
+  It runs block by block over the engine's executor (``refit_blocks``), in memory and
+  streamed alike, with the original weights and both activation streams in the work folder.
 * ``lora``: sequential low-rank fine-tuning with ``peft``: LoRA on every W_u (W_v frozen),
   merge; then on every W_v (W_u frozen), merge.
 
@@ -15,18 +17,21 @@ Both keep ranks and int8 layouts; int8 rows are quantized again from the updated
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import capture_block_inputs, kwarg_sources, run_block
+from . import distributed
+from .blocks import run_block
 from .data import Calibration, as_calibration
+from .engine import BlockRun, UpdateReport, save_block
 from .errors import ConfigError
-from .models import block_index, find_decoder_blocks
 from .modules import LowRankLinear
+from .workfolder import load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +117,15 @@ def make_update(name: str | None, **settings: Any) -> UpdateConfig | None:
         raise ConfigError(f"update {name!r}: {exc}") from None
 
 
-@dataclass
-class UpdateReport:
-    """What an update did: refit errors per module, or the LoRA loss curve."""
-
-    settings: dict
-    log: list[dict] = field(default_factory=list)
-
-
-def apply_update(model: nn.Module, config: UpdateConfig, originals: dict[str, nn.Linear],
-                 calibration: torch.Tensor | Calibration, batch_size: int = 8) -> UpdateReport:
-    """Runs ``config``'s update on every ``LowRankLinear`` of ``model``, in place.
+def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor | Calibration,
+                 batch_size: int = 8) -> UpdateReport:
+    """Runs ``config``'s update on the blocks ``run`` compressed.
 
     Args:
-        model: the compressed model.
-        config: ``RefitConfig`` or ``LoRAUpdateConfig``.
-        originals: {module name: the original dense layer} (refit's targets).
+        run: the block run of the compression (``engine.compress_blocks``; for a refit it
+            must have kept its blocks and originals: ``refit=True``).
+        config: ``RefitConfig`` or ``LoRAUpdateConfig`` (in memory only: it trains the
+            whole model).
         calibration: [num_samples, seqlen] token ids, or a ``Calibration`` (with images:
             refit only).
         batch_size: samples per forward pass (refit).
@@ -139,12 +137,12 @@ def apply_update(model: nn.Module, config: UpdateConfig, originals: dict[str, nn
         raise ConfigError(f"the {config.name} update needs calibration token ids")
     calibration = as_calibration(calibration)
     if isinstance(config, RefitConfig):
-        log = refit(model, originals, calibration, batch_size, config)
+        log = refit_blocks(run, config, calibration, batch_size)
     elif calibration.has_images:
         raise ConfigError("the lora update trains on text only; drop --calib-images or use "
                           "--update refit")
     else:
-        log = lora_update(model, calibration.input_ids, config)
+        log = lora_update(run.sm.model, calibration.input_ids, config)
     return UpdateReport(config.settings(), log)
 
 
@@ -229,50 +227,119 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
     return solution, before, after, base
 
 
-def refit(model: nn.Module, originals: dict[str, nn.Linear], calibration: Calibration,
-          batch_size: int, config: RefitConfig) -> list[dict]:
-    """Refits W_u of every factorized layer, block by block, in forward order. Mutates
-    ``model``.
+def refit_blocks(run: BlockRun, config: RefitConfig, calibration: Calibration,
+                 batch_size: int) -> list[dict]:
+    """Refits W_u of every factorized layer in the decoder blocks, block by block in forward
+    order, over the executor of ``run`` (the compression's block run).
 
     A layer's input is the compressed stream x_c *after* the layers before it (earlier
     blocks, and earlier layers of its own block such as q/k/v before o_proj) were refitted.
     Its target is the original layer applied to that input (``target="compressed"``) or,
     with ``target="original"``, the original layer's output on the original model's
-    stream (the block is also run with the ``originals`` swapped in; memory: the original
-    inputs of one block's layers for all calibration tokens). Layers that read the same
-    input (q/k/v, gate/up) are refitted together from one pass.
+    stream (the block is also run with the original layers, rebuilt from the work
+    folder). Layers that read the same input (q/k/v, gate/up) are refitted together from
+    one pass. Both streams and each block's recorded original inputs are work files, so
+    memory holds one block and one batch.
+
+    Side effects: the refitted blocks replace the compressed ones (in the model, and in the
+    work folder's shards); every block is committed (a rerun resumes).
 
     Returns:
         One {module, error_before, error_after, relative_after} entry per refitted layer.
     """
-    prefix, blocks = find_decoder_blocks(model)
-    factored = {name: module for name, module in model.named_modules()
-                if isinstance(module, LowRankLinear) and name in originals}
-    by_block: dict[int, list[str]] = {}
-    for name in factored:
-        by_block.setdefault(block_index(name, prefix), []).append(name)
-    sources = kwarg_sources(model, len(blocks))
-    log = []
-    with torch.no_grad():
-        compressed = capture_block_inputs(model, blocks, calibration.split(batch_size))
-        original = compressed if config.target == "original" else None
-        for index in tqdm(range(len(blocks)), desc="refit blocks", unit="block"):
-            block, source, names = blocks[index], sources[index], by_block.get(index, [])
-            seen = None
-            if original is not None:
-                _swap(model, {name: originals[name] for name in names})
-                try:
-                    seen, original = _record_inputs(block, names, model, original, source)
-                finally:
-                    _swap(model, {name: factored[name] for name in names})
-            for group in _shared_input_groups(block, names, model, compressed[0], source):
-                moments = _paired_moments(block, {n: factored[n] for n in group}, seen,
-                                          compressed, source)
-                for name in group:
-                    log.append(_refit_layer(model, name, originals[name], moments[name], config))
-                    factored[name] = model.get_submodule(name)
-            compressed = run_block(block, compressed, source)
+    sm, work = run.sm, run.work
+    refit = BlockRun(sm, work, None, run.targets, distributed.my_batches(calibration,
+                                                                        batch_size))
+    refit.compressed = True
+    log = list(work.progress.get("refit_log", []))
+    _finish_refit_moves(work)
+    first = not work.done("refit")
+    refit.kwargs(write_inputs=first)
+    if first and config.target == "original":  # both streams start at the same inputs
+        for b in range(len(refit.batches)):
+            save_tensors(work.file("acts-original", 0, b), {"h": refit.acts(0, b)})
+    ranks = {r["name"]: r["rank"] for r in work.progress["results"]}
+    for index in tqdm(range(work.done("refit"), len(sm.blocks)), desc="refit blocks",
+                      unit="block"):
+        block = refit.block(index)
+        names = [n for n in run.by_block.get(index, [])
+                 if isinstance(sm.model.get_submodule(n), LowRankLinear)]
+        if config.target == "original":
+            _original_stream(refit, block, index, names)
+        for group in _shared_input_groups(block, names, sm.model, (refit.acts(index, 0),
+                                          refit.kwargs()[0]), refit.sources[index]):
+            moments = _paired_moments(refit, block, index, group, config.target == "original")
+            for name in group:
+                original = load_tensors(work.file("originals", name))["w"]
+                log.append(_refit_layer(sm.model, name, original, moments[name], config))
+        refit.forward(block, index)
+        save_block(work, "refitted", sm, index, ranks)
+        work.commit(refit=index + 1, refit_log=log)
+        _finish_refit_moves(work)
+        for kind in ("acts", "acts-original", "seen"):
+            work.drop(kind, index)
+        sm.release(block)
+    for kind in ("acts", "acts-original"):
+        work.drop(kind)
     return log
+
+
+def _finish_refit_moves(work) -> None:
+    """Moves the committed refitted blocks over the compressed ones (a run killed between a
+    commit and its move finishes it) and drops an uncommitted one."""
+    for shard in sorted((work.path / "refitted").glob("block-*.safetensors")):
+        if int(shard.stem.split("-")[1]) < work.done("refit"):
+            os.replace(shard, work.file("blocks", shard.stem))
+    work.drop("refitted")
+
+
+def _original_layers(work, block_names: list[str], model: nn.Module) -> dict[str, nn.Linear]:
+    """The original dense layers of ``block_names`` (weights from the work folder, biases
+    as the factorized layers kept them)."""
+    layers = {}
+    for name in block_names:
+        low_rank = model.get_submodule(name)
+        weight = load_tensors(work.file("originals", name), low_rank.weight_u.device)["w"]
+        layer = nn.Linear(low_rank.in_features, low_rank.out_features,
+                          bias=low_rank.bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        if low_rank.bias is not None:
+            layer.bias = nn.Parameter(low_rank.bias.detach().clone(), requires_grad=False)
+        layers[name] = layer
+    return layers
+
+
+def _original_stream(run: BlockRun, block: nn.Module, index: int, names: list[str]) -> None:
+    """Runs ``block`` with its original layers on the original stream: writes each named
+    layer's input per batch (seen/<block>/<batch>; an input several layers share, under
+    the first of them) and the block's outputs as the next block's original inputs."""
+    model, work = run.sm.model, run.work
+    compressed = {name: model.get_submodule(name) for name in names}
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            seen[name] = args[0]  # the tensor itself: shared inputs are told by identity
+        return record
+
+    _swap(model, _original_layers(work, names, model))
+    handles = _hooked(model, names, hook)
+    try:
+        with torch.no_grad():
+            for b in range(len(run.batches)):
+                hidden = load_tensors(work.file("acts-original", index, b), run.sm.device)["h"]
+                out = run.run(block, index, b, hidden)
+                save_tensors(work.file("acts-original", index + 1, b), {"h": out})
+                distinct: dict[str, torch.Tensor] = {}  # a shared input (q/k/v) once
+                for name, tensor in seen.items():
+                    if not any(tensor is kept for kept in distinct.values()):
+                        distinct[name] = tensor
+                save_tensors(work.file("seen", index, b), distinct)
+                seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        _swap(model, compressed)
 
 
 def _hooked(model: nn.Module, names: list[str], make_hook):
@@ -294,7 +361,8 @@ def _shared_input_groups(block, names: list[str], model, batch, source) -> list[
 
     handles = _hooked(model, names, hook)
     try:
-        run_block(block, [batch], source)
+        with torch.no_grad():
+            run_block(block, [batch], source)
     finally:
         for handle in handles:
             handle.remove()
@@ -307,51 +375,30 @@ def _shared_input_groups(block, names: list[str], model, batch, source) -> list[
     return groups
 
 
-def _record_inputs(block, names: list[str], model, batches, source):
-    """Runs ``block`` on every batch and records each named layer's input.
-
-    Returns:
-        ([{layer: its input} per batch], the block's outputs).
-    """
-    seen: list[dict[str, torch.Tensor]] = []
-
-    def hook(name):
-        def record(module, args, output):
-            seen[-1][name] = args[0].detach()
-        return record
-
-    handles = _hooked(model, names, hook)
-    outputs = []
-    try:
-        for batch in batches:
-            seen.append({})
-            outputs.extend(run_block(block, [batch], source))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen, outputs
-
-
-def _paired_moments(block, layers: dict[str, nn.Module], seen, batches, source):
-    """Runs ``block`` on the compressed stream and accumulates each of ``layers``' inputs,
-    paired with the original inputs recorded in ``seen`` (unpaired when ``seen`` is None).
+def _paired_moments(run: BlockRun, block, index: int, names: list[str], paired: bool
+                    ) -> dict[str, PairedMoments]:
+    """Runs ``block`` on the compressed stream and accumulates the inputs of the layers
+    ``names``, paired (``paired``) with their original inputs recorded for the same batch.
     Returns {layer: PairedMoments}."""
+    model = run.sm.model
+    layers = {name: model.get_submodule(name) for name in names}
     moments = {name: PairedMoments.zeros(layer.in_features, layer.weight_u.device,
-                                         paired=seen is not None)
+                                         paired=paired)
                for name, layer in layers.items()}
     current: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def record(module, args, output):
-            moments[name].update(args[0].detach(), current.get(name))
+        def record(module, args, output):  # the group's first layer holds a shared input
+            moments[name].update(args[0].detach(), current.get(name, current.get(names[0])))
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
-        for number, batch in enumerate(batches):
-            if seen is not None:
-                current.update(seen[number])
-            run_block(block, [batch], source)
+        with torch.no_grad():
+            for b in range(len(run.batches)):
+                if paired:
+                    current = load_tensors(run.work.file("seen", index, b), run.sm.device)
+                run.run(block, index, b)
     finally:
         for handle in handles:
             handle.remove()
@@ -363,13 +410,13 @@ def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
         model.set_submodule(name, module)
 
 
-def _refit_layer(model, name, original: nn.Linear, moments: PairedMoments,
+def _refit_layer(model, name, weight: torch.Tensor, moments: PairedMoments,
                  config: RefitConfig) -> dict:
-    """Refits one layer's W_u and swaps the rebuilt layer in; returns its log entry."""
+    """Refits one layer's W_u (``weight``: the original layer's) and swaps the rebuilt
+    layer in; returns its log entry."""
     layer: LowRankLinear = model.get_submodule(name)
     w_u, w_v = layer.factors()
-    new_u, before, after, scale = refit_factor(original.weight, w_u, w_v, moments,
-                                               config.damping)
+    new_u, before, after, scale = refit_factor(weight, w_u, w_v, moments, config.damping)
     if new_u is not w_u:
         rebuilt = LowRankLinear.from_factors(new_u, w_v, layer.bias, dtype=w_u.dtype,
                                              plan=layer.plan)
