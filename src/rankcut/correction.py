@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import asdict
 
 import torch
@@ -87,10 +86,7 @@ def _finish_accepted_moves(run: BlockRun) -> None:
     """Moves the committed stage's candidate blocks over the current ones (a run killed
     between the commit and the moves finishes them) and drops any other candidates."""
     work = run.work
-    accepted = work.path / "candidates" / str(work.done("stage"))
-    if accepted.is_dir():
-        for shard in sorted(accepted.glob("block-*.safetensors")):
-            os.replace(shard, work.file("blocks", shard.stem))
+    work.move_files(f"candidates/{work.done('stage')}", "blocks")
     work.drop("candidates")
 
 
@@ -132,7 +128,7 @@ def _gradient_steps(run: BlockRun) -> float:
     blocks = len(sm.blocks)
     for index in tqdm(range(blocks), desc="correction forward", unit="block"):
         block = run.block(index)
-        _forward(run, block, index)
+        run.forward(block, index, run.grad_batches)
         sm.release(block)
     before = _head(run, vectors=True)
     for index in tqdm(range(blocks - 1, -1, -1), desc="correction backward", unit="block"):
@@ -178,7 +174,7 @@ def _trial(run: BlockRun, stage: int, scale: float, ranks: dict, plans: dict
         decompose = functools.partial(_corrected, work, dense, owned, scale)
         with torch.no_grad():
             results.update(factorize(sm.model, dense, ranks, decompose, plans, log=False))
-        _forward(run, block, index)
+        run.forward(block, index, run.grad_batches)
         if index:
             work.drop("acts", index)
         save_block(work, f"candidates/{stage}", sm, index, ranks)
@@ -195,13 +191,6 @@ def _corrected(work, dense: dict[str, nn.Linear], owned: set[str], scale: float,
     step = load_tensors(work.file("steps", name))["step"].to(torch.float64)
     corrected = dense[name].weight.detach().to(torch.float64) + scale * step
     return linalg.decompose(corrected, *load_whitening(work, name))
-
-
-def _forward(run: BlockRun, block: nn.Module, index: int) -> None:
-    """Writes ``block``'s outputs on the gradient batches as the next block's inputs."""
-    with torch.no_grad():
-        for b in range(run.grad_batches):
-            save_tensors(run.work.file("acts", index + 1, b), {"h": run.run(block, index, b)})
 
 
 def _head(run: BlockRun, vectors: bool) -> float:

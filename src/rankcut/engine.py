@@ -628,10 +628,11 @@ class BlockRun:
         out = block(hidden, **self._kwargs[b][self.sources[index]])
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def forward(self, block: nn.Module, index: int) -> None:
-        """Writes ``block``'s outputs on every batch as the next block's inputs."""
+    def forward(self, block: nn.Module, index: int, batches: int | None = None) -> None:
+        """Writes ``block``'s outputs on every batch (or the first ``batches``) as the next
+        block's inputs."""
         with torch.no_grad():
-            for b in range(len(self.batches)):
+            for b in range(len(self.batches) if batches is None else batches):
                 save_tensors(self.work.file("acts", index + 1, b),
                              {"h": self.run(block, index, b)})
 

@@ -17,7 +17,6 @@ Both keep ranks and int8 layouts; int8 rows are quantized again from the updated
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -287,10 +286,8 @@ def refit_blocks(run: BlockRun, config: RefitConfig, calibration: Calibration,
 def _finish_refit_moves(work) -> None:
     """Moves the committed refitted blocks over the compressed ones (a run killed between a
     commit and its move finishes it) and drops an uncommitted one."""
-    for shard in sorted((work.path / "refitted").glob("block-*.safetensors")):
-        if int(shard.stem.split("-")[1]) < work.done("refit"):
-            os.replace(shard, work.file("blocks", shard.stem))
-    work.drop("refitted")
+    work.move_files("refitted", "blocks",
+                    lambda shard: int(shard.stem.split("-")[1]) < work.done("refit"))
 
 
 def _original_layers(work, block_names: list[str], model: nn.Module) -> dict[str, nn.Linear]:

@@ -95,6 +95,15 @@ class WorkFolder:
         """The path of one work file, as :meth:`file` gives it, without creating anything."""
         return self.path.joinpath(kind, *map(str, parts[:-1])) / f"{parts[-1]}.safetensors"
 
+    def move_files(self, source: str, kind: str, committed=lambda path: True) -> None:
+        """Moves the work files of folder ``source`` for which ``committed(path)`` holds into
+        ``kind`` (replacing same-named ones), then deletes ``source`` with the rest: how a
+        step's files written aside replace the current ones once the step is committed."""
+        for path in sorted((self.path / source).glob("*.safetensors")):
+            if committed(path):
+                os.replace(path, self.file(kind, path.stem))
+        self.drop(source)
+
     def drop(self, kind: str, *parts: int | str) -> None:
         """Deletes a folder of work files that is no longer needed."""
         shutil.rmtree(self.path.joinpath(kind, *map(str, parts)), ignore_errors=True)
