@@ -827,17 +827,23 @@ class BlockRun:
     def _head_stats(self) -> dict[str, linalg.SecondMoment]:
         """Input statistics of the targets after the blocks (the LM head) on every batch,
         from the last block's outputs."""
-        sm, top = self.sm, len(self.sm.blocks)
+        sm = self.sm
         post = {name: self.targets[name] for name in self.post}
-        with sm.parts(sm.outside(skip_head=False)), InputMomentHooks(post) as hooks, \
-                torch.no_grad():
-            for b in range(len(self.batches)):
-                hidden = self.acts(top, b)
-                for i in range(hidden.shape[0]):  # a sample's logits at a time
-                    hooks.new_batch()
-                    head_logits(sm, hidden[i:i + 1])
+        with sm.parts(sm.outside(skip_head=False)), InputMomentHooks(post) as hooks:
+            self._head_forward(range(len(self.batches)), hooks)
         distributed.sum_moments(hooks.stats)
         return _reached(hooks.stats)
+
+    def _head_forward(self, batches: range, hooks: InputMomentHooks) -> None:
+        """Runs the head (loaded) without gradients on the last block's outputs of
+        ``batches``, one sample's logits at a time, for ``hooks`` to gather."""
+        top = len(self.sm.blocks)
+        with torch.no_grad():
+            for b in batches:
+                hidden = self.acts(top, b)
+                for i in range(hidden.shape[0]):
+                    hooks.new_batch()
+                    head_logits(self.sm, hidden[i:i + 1])
 
     def use_written_layouts(self) -> None:
         """Gives a model that does not hold the compressed layers of its written blocks (a
@@ -1007,12 +1013,7 @@ class BlockRun:
         what the head pass gathered, their input statistics completed on the batches
         outside the gradients."""
         if post.hooks.layers:
-            with torch.no_grad():
-                for b in range(self.grad_batches, len(self.batches)):
-                    hidden = self.acts(len(self.sm.blocks), b)
-                    post.hooks.new_batch()
-                    for i in range(hidden.shape[0]):
-                        head_logits(self.sm, hidden[i:i + 1])
+            self._head_forward(range(self.grad_batches, len(self.batches)), post.hooks)
             distributed.sum_moments(post.hooks.stats)
             _reached(post.hooks.stats)
         outputs, grads = post.sums.reduce(tokens, self.weight_grads)
