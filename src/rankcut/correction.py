@@ -20,21 +20,20 @@ import logging
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, linalg
-from .data import IGNORE, as_calibration
+from .data import as_calibration
 from .engine import (
     BlockRun,
     ModuleResult,
     factorize,
     head_logits,
     load_whitening,
+    sample_loss,
     save_block,
 )
-from .errors import CalibrationError
 from .modules import LowRankLinear
 from .workfolder import load_tensors, save_tensors
 
@@ -219,14 +218,6 @@ def _head(run: BlockRun, vectors: bool) -> float:
 
 def _loss(run: BlockRun, hidden: torch.Tensor, targets: torch.Tensor) -> float:
     """The summed next-token loss of one batch (one sample at a time), without gradients."""
-    total = 0.0
     with torch.no_grad():
-        for i in range(hidden.shape[0]):
-            logits = head_logits(run.sm, hidden[i:i + 1])[0, :-1]
-            loss = F.cross_entropy(logits.float(), targets[i], ignore_index=IGNORE,
-                                   reduction="sum")
-            if not torch.isfinite(loss):
-                raise CalibrationError("calibration loss is not finite; the model produced "
-                                       "NaN/inf")
-            total += loss.item()
-    return total
+        return sum(sample_loss(head_logits(run.sm, hidden[i:i + 1])[:, :-1], targets[i]).item()
+                   for i in range(hidden.shape[0]))

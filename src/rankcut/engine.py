@@ -425,6 +425,20 @@ def _head_only(sm: Executor):
             handle.remove()
 
 
+def sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed next-token loss of one sample's ``logits`` [1, L, V] on ``targets`` [L]
+    (``IGNORE`` where nothing is predicted).
+
+    Raises:
+        CalibrationError: the loss is not finite.
+    """
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE,
+                           reduction="sum")
+    if not torch.isfinite(loss):
+        raise CalibrationError("calibration loss is not finite; the model produced NaN/inf")
+    return loss
+
+
 def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of the model's head (final norm, lm_head, any soft-capping) applied to the
     last block's output ``hidden`` [B, T, H]; the head must be loaded."""
@@ -1045,11 +1059,7 @@ class BlockRun:
             h = hidden[i:i + 1].requires_grad_(True)
             with torch.enable_grad():
                 logits = head_logits(sm, h)[:, :-1]
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[i],
-                                       ignore_index=IGNORE, reduction="sum")
-                if not torch.isfinite(loss):
-                    raise CalibrationError("calibration loss is not finite; the model "
-                                           "produced NaN/inf")
+                loss = sample_loss(logits, targets[i])
                 if self.weight_grads:
                     got = torch.autograd.grad(loss, [h, *weights], retain_graph=True)
                     vectors.setdefault("loss", []).append(got[0])
