@@ -425,6 +425,19 @@ def _head_only(sm: Executor):
             handle.remove()
 
 
+def rebuild_layouts(model: nn.Module, results: list[dict], dtype: torch.dtype) -> list[str]:
+    """Gives each factorized module of ``results`` (committed module results) that ``model``
+    does not hold as a ``LowRankLinear`` yet an empty one on the meta device, of its rank
+    and int8 layout, so that its stored tensors load into it (a resumed run). Returns the
+    names replaced."""
+    missing = {r["name"]: r for r in results if r["rank"] is not None
+               and not isinstance(model.get_submodule(r["name"]), LowRankLinear)}
+    if missing:
+        replace_with_low_rank(model, {n: r["rank"] for n, r in missing.items()}, dtype, "meta",
+                              {n: r["int8"] for n, r in missing.items() if r["int8"]})
+    return list(missing)
+
+
 def sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The summed next-token loss of one sample's ``logits`` [1, L, V] on ``targets`` [L]
     (``IGNORE`` where nothing is predicted).
@@ -863,13 +876,9 @@ class BlockRun:
         """Gives a model that does not hold the compressed layers of its written blocks (a
         resumed streamed run) empty ``LowRankLinear`` modules of their layouts, so that
         the block shards load into it."""
-        missing = {r["name"]: r for r in self.work.progress["results"]
-                   if r["rank"] is not None and block_index(r["name"], self.sm.prefix) is not None
-                   and not isinstance(self.sm.model.get_submodule(r["name"]), LowRankLinear)}
-        if missing:
-            replace_with_low_rank(self.sm.model, {n: r["rank"] for n, r in missing.items()},
-                                  self.targets[next(iter(missing))].weight.dtype, "meta",
-                                  {n: r["int8"] for n, r in missing.items() if r["int8"]})
+        results = [r for r in self.work.progress["results"]
+                   if block_index(r["name"], self.sm.prefix) is not None]
+        rebuild_layouts(self.sm.model, results, next(iter(self.targets.values())).weight.dtype)
 
     def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, ranks: dict,
                          name: str):

@@ -49,6 +49,7 @@ from .engine import (
     compress_blocks,
     head_logits,
     outside_modules,
+    rebuild_layouts,
     save_block,
 )
 from .errors import ConfigError, ModelLoadError
@@ -267,13 +268,8 @@ class StreamedModel:
     def restore_outside(self, work: WorkFolder, results: list[dict]) -> None:
         """After a restart: gives the compressed modules outside the blocks that ``results``
         name their empty ``LowRankLinear`` again, read from the work files."""
-        for result in results:
-            name = result["name"]
-            if (result["rank"] is None or block_index(name, self.prefix) is not None
-                    or isinstance(self.model.get_submodule(name), LowRankLinear)):
-                continue
-            replace_with_low_rank(self.model, {name: result["rank"]}, self.dtype, "meta",
-                                  {name: result["int8"]} if result["int8"] else None)
+        outside = [r for r in results if block_index(r["name"], self.prefix) is None]
+        for name in rebuild_layouts(self.model, outside, self.dtype):
             path = work.file("outside", name)
             with safe_open(path, framework="pt") as f:
                 self._use_outside(name, dict.fromkeys(f.keys()), path)
