@@ -358,9 +358,9 @@ def test_cli_io_svd_with_image_calibration_on_both_test_vlms(tmp_path):
     from rankcut import image_data, vlm_assets
     from rankcut.evaluation import caption_perplexity
 
-    common = ["--method", "io-svd", "--ratio", "0.2", "--num-samples", "16", "--seqlen", "256",
-              "--seed", "3", "--eval-seqlen", "512", "--max-windows", "8", "--device", "cpu"]
-    images = ["--calib-images", "captions", "--image-samples", "4", "--eval-images", "captions"]
+    common = ["--method", "io-svd", "--ratio", "0.2", "--num-samples", "8", "--seqlen", "256",
+              "--seed", "3", "--eval-seqlen", "512", "--max-windows", "4", "--device", "cpu"]
+    images = ["--calib-images", "captions", "--image-samples", "2", "--eval-images", "captions"]
     figures = {}
     for model in ("smollm2", "smollm2-llava", "smollm2-smolvlm"):
         extra = images if model != "smollm2" else []
