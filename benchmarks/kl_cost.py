@@ -1,8 +1,9 @@
 """Cost of IO-SVD's KL output metric: seconds per calibration batch of one gradient pass.
 
-Runs the gradient pass of ``zero-sum`` / ``io-svd`` on SmolLM2 (input statistics always on)
-without the output metric, with the one-pass sampled form, and with the exact K-pass form
-for several K, all on the same batch in one process, so the ratios are comparable.
+Runs a whole-model gradient pass (the tests' reference, ``tests/whole_model.py``) on SmolLM2
+(input statistics always on) without the output metric, with the one-pass sampled form, and
+with the exact K-pass form for several K, all on the same batch in one process, so the
+ratios are comparable.
 
     .venv/bin/python benchmarks/kl_cost.py --top-k 1 5 20
 
@@ -14,8 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/whole_model.py
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import rankcut
     from rankcut import data
-    from rankcut.gradients import calibration_gradients
-    from rankcut.hooks import InputMomentHooks, OutputMetricHooks
+    from rankcut.hooks import InputMomentHooks
+    from tests.whole_model import OutputMetricHooks, calibration_gradients
 
     torch.manual_seed(3)
     model, tokenizer = rankcut.load_model(args.model)
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             outputs = OutputMetricHooks(layers, k, mode, 0) if mode else None
             with outputs or contextlib.nullcontext():
                 calibration_gradients(model, layers, ids, args.batch_size, input_hooks=inputs,
-                                      checkpointing=False, output_hooks=outputs)
+                                      output_hooks=outputs)
         rows.append({"variant": label, "seconds": time.perf_counter() - start})
     base = rows[0]["seconds"]
     print(f"\n{'variant':<20}{'s / batch':>12}{'vs none':>10}")

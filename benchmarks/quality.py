@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense model")
+    p.add_argument("--stream", action="store_true",
+                   help="compress with the streamed executor (rankcut compress --stream) into "
+                        "a temporary folder and measure that checkpoint block by block")
     p.add_argument("--output", default="bench-out/quality.json")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -76,21 +79,16 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     from rankcut.cli import peak_gpu_mb, peak_rss_mb
     from rankcut.evaluation import caption_perplexity
     from rankcut.models import text_tokenizer
-    from rankcut.update import make_update
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    if args.stream:
+        return run_one_streamed(args, method, ratio)
     model, processor = rankcut.load_model(args.model, device=args.device)
     tokenizer = text_tokenizer(processor)
     row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0}
     if method is not None:
-        method_part, _, update_part = method.partition("+")
-        name, *flags = method_part.split(":")
-        config = rankcut.make_config(name, ratio=ratio, **dict(map(parse_setting, flags)))
-        update = None
-        if update_part:
-            update_name, *update_flags = update_part.split(":")
-            update = make_update(update_name, **dict(map(parse_setting, update_flags)))
+        config, update = method_configs(method, ratio)
         calib = None
         if config.needs_input_stats or config.needs_row_fisher or update is not None:
             text = data.load_text(args.calib_file or "wiki", "calib")
@@ -112,6 +110,62 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
         row["caption_perplexity"] = caption_perplexity(model, processor, records).perplexity
     row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,
                peak_rss_mb=peak_rss_mb(), device=args.device, peak_gpu_mb=peak_gpu_mb())
+    return row
+
+
+def method_configs(method: str, ratio: float):
+    """(method config, update config or None) of a ``name:flag+update:key=value`` text."""
+    import rankcut
+    from rankcut.update import make_update
+
+    method_part, _, update_part = method.partition("+")
+    name, *flags = method_part.split(":")
+    config = rankcut.make_config(name, ratio=ratio, **dict(map(parse_setting, flags)))
+    update = None
+    if update_part:
+        update_name, *update_flags = update_part.split(":")
+        update = make_update(update_name, **dict(map(parse_setting, update_flags)))
+    return config, update
+
+
+def run_one_streamed(args: argparse.Namespace, method: str | None, ratio: float | None) -> dict:
+    """As :func:`run_one` through the streamed executor: the model never loaded whole; the
+    checkpoint (in a temporary folder) is measured block by block."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from rankcut import data, streaming
+    from rankcut.cli import peak_rss_mb
+    from rankcut.models import resolve_model_source
+
+    if args.calib_images or args.eval_images:
+        raise SystemExit("--stream measures text models here; drop --calib-images/--eval-images")
+    source = resolve_model_source(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
+    row: dict = {"method": method or "dense", "target_ratio": ratio or 0.0, "stream": True}
+    with tempfile.TemporaryDirectory(prefix="rankcut-quality-") as tmp:
+        folder = source
+        if method is not None:
+            config, update = method_configs(method, ratio)
+            text = data.load_text(args.calib_file or "wiki", "calib")
+            calib = data.calibration_batch(tokenizer, text, args.num_samples, args.seqlen,
+                                           args.seed)
+            folder = str(Path(tmp) / "out")
+            report = streaming.compress_streaming(source, folder, config, calib,
+                                                  update=update, device=args.device)
+            row.update(achieved_ratio=report.achieved_ratio,
+                       achieved_byte_ratio=report.achieved_byte_ratio,
+                       compress_seconds=report.seconds, kept_by_type=kept_by_type(report),
+                       stage_losses=report.stage_losses,
+                       update_log=report.update.log if report.update else [],
+                       peak_rss_mb=peak_rss_mb())
+        result = streaming.streamed_perplexity(folder, test, args.eval_seqlen, args.max_windows,
+                                               device=args.device)
+    row.setdefault("peak_rss_mb", peak_rss_mb())
+    row.update(perplexity=result.perplexity, nonfinite_windows=result.nonfinite_windows,
+               device=args.device)
     return row
 
 

@@ -9,11 +9,11 @@ import rankcut
 from rankcut import linalg
 from rankcut.allocation import fill_budget, kept_params, loss_balanced_ranks
 from rankcut.errors import ConfigError
-from rankcut.gradients import calibration_gradients
 from rankcut.methods import make_config, method_spec
 from rankcut.models import select_targets
 
 from .conftest import tiny_model
+from .whole_model import calibration_gradients
 
 
 def _moments(x: torch.Tensor) -> linalg.SecondMoment:

@@ -6,10 +6,10 @@ import torch
 import rankcut
 from rankcut import engine, fisher, linalg
 from rankcut.errors import ConfigError
-from rankcut.gradients import calibration_gradients
-from rankcut.hooks import InputMomentHooks, OutputMetricHooks
+from rankcut.hooks import InputMomentHooks
 
 from .conftest import VOCAB, tiny_model
+from .whole_model import OutputMetricHooks, calibration_gradients
 
 
 def _logits(positions=1, vocab=12, seed=0):
@@ -121,22 +121,6 @@ def test_predicted_kl_tracks_the_measured_kl_on_a_tiny_model(calib_ids):
     assert checked == 3
 
 
-def test_output_metric_is_the_same_with_checkpointing_and_without_weight_gradients(calib_ids):
-    model = tiny_model()
-    layers = rankcut.models.select_targets(model, include=["*.layers.1.*"])
-    metrics = []
-    for checkpointing, weight_grads in ((False, True), (True, True), (False, False)):
-        with OutputMetricHooks(layers, 3, "exact", seed=7) as outputs:
-            grads, _ = calibration_gradients(model, layers, calib_ids,
-                                             checkpointing=checkpointing,
-                                             output_hooks=outputs, weight_grads=weight_grads)
-        assert bool(grads) == weight_grads  # without weight gradients: no loss backward
-        metrics.append({name: s.mean() for name, s in outputs.stats.items()})
-    for other in metrics[1:]:
-        for name in layers:
-            torch.testing.assert_close(metrics[0][name], other[name], rtol=1e-4, atol=1e-10)
-
-
 def test_second_order_score_alone_skips_the_loss_gradient():
     make = rankcut.make_config
     assert not make("io-svd").needs_loss_gradients  # default score: second
@@ -186,5 +170,8 @@ def test_top_1_metric_is_zero_and_warned(calib_ids, caplog):
     layers = rankcut.models.select_targets(model, include=["*.layers.1.mlp.*"])
     with OutputMetricHooks(layers, 1, "sample") as outputs:
         calibration_gradients(model, layers, calib_ids, output_hooks=outputs)
-    assert "top_k=1" in caplog.text
     assert all(torch.count_nonzero(s.xx) == 0 for s in outputs.stats.values())
+    assert "top_k=1" not in caplog.text
+    rankcut.compress(model, rankcut.make_config("io-svd", ratio=0.3, top_k=1), calib_ids,
+                     include=["*.layers.1.mlp.*"])
+    assert "top_k=1" in caplog.text

@@ -10,10 +10,10 @@ from rankcut import checkpoint, methods, models, pipeline, update
 from rankcut.cli import main
 from rankcut.data import IGNORE, Calibration, as_calibration
 from rankcut.errors import CalibrationError, ConfigError
-from rankcut.gradients import calibration_loss
 
 from .conftest import VOCAB, word_text
 from .test_vlm import IMAGE_TOKEN, image_batch, tiny_vlm
+from .whole_model import calibration_loss
 
 SEQLEN = 32
 

@@ -8,9 +8,9 @@ import torch
 import rankcut
 from rankcut import allocation, correction, linalg
 from rankcut.errors import ConfigError
-from rankcut.gradients import calibration_gradients, calibration_loss
 
 from .conftest import VOCAB, tiny_model
+from .whole_model import calibration_gradients, calibration_loss
 
 # --- scores against finite differences -------------------------------------------------------
 
@@ -221,15 +221,14 @@ def test_cli_rank_map_and_info(model_dir, calib_file, tmp_path, capsys):
     assert "rank map file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids, checkpointing):
+def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids):
+    """The whole-model reference (tests/whole_model.py) the engine's statistics are tested
+    against is itself checked against plain autograd."""
     model = tiny_model()
     layers = rankcut.models.select_targets(model)
-    grads, loss = calibration_gradients(model, layers, calib_ids, batch_size=3,
-                                        checkpointing=checkpointing)
+    grads, loss = calibration_gradients(model, layers, calib_ids, batch_size=3)
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
-    assert not model.is_activation_checkpointing
     assert not any(m.training for m in model.modules())
     # reference: one plain backward of the mean loss over all tokens
     logits = model(input_ids=calib_ids).logits[:, :-1]
@@ -240,9 +239,3 @@ def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids, check
         torch.testing.assert_close(grads[name], layer.weight.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_checkpointing_turns_on_only_when_activations_are_large():
-    from rankcut.gradients import checkpointing_needed
-
-    model = tiny_model()
-    assert not checkpointing_needed(model, batch_tokens=4 * 512)
-    assert checkpointing_needed(model, batch_tokens=4 * 512, budget=1e-9)

@@ -961,6 +961,9 @@ class BlockRun:
             getattr(config, "needs_loss_gradients", False) and (scoring or loss_aware))
         self.seeds = config.top_k if config.needs_output_stats and config.kl_mode == "exact" \
             else int(config.needs_output_stats)
+        if config.needs_output_stats and config.top_k == 1:
+            logger.warning("top_k=1: the top-1 renormalized distribution is a point mass with "
+                           "zero Fisher, so the output metric carries no information")
         self.kwargs()
         self._forward_all()
         self._head_vectors()
