@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torch import nn
 
-    from rankcut.hybrid import RowPlan
-    from rankcut.modules import LowRankLinear
+    from rankcut.core.hybrid import RowPlan
+    from rankcut.nn.modules import LowRankLinear
 
     torch.manual_seed(0)
     rows = []

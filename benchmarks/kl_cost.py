@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import rankcut
-    from rankcut import data
-    from rankcut.hooks import InputMomentHooks
+    from rankcut.calibration import data
+    from rankcut.calibration.hooks import InputMomentHooks
     from tests.whole_model import OutputMetricHooks, calibration_gradients
 
     torch.manual_seed(3)

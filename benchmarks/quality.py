@@ -75,9 +75,9 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     import torch
 
     import rankcut
-    from rankcut import data, image_data
+    from rankcut.calibration import data, image_data
     from rankcut.cli import peak_gpu_mb, peak_rss_mb
-    from rankcut.evaluation import caption_perplexity
+    from rankcut.measure.evaluation import caption_perplexity
     from rankcut.models import text_tokenizer
 
     torch.manual_seed(args.seed)
@@ -116,7 +116,7 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
 def method_configs(method: str, ratio: float):
     """(method config, update config or None) of a ``name:flag+update:key=value`` text."""
     import rankcut
-    from rankcut.update import make_update
+    from rankcut.compression.update import make_update
 
     method_part, _, update_part = method.partition("+")
     name, *flags = method_part.split(":")
@@ -135,8 +135,9 @@ def run_one_streamed(args: argparse.Namespace, method: str | None, ratio: float 
 
     from transformers import AutoTokenizer
 
-    from rankcut import data, streaming
+    from rankcut.calibration import data
     from rankcut.cli import peak_rss_mb
+    from rankcut.compression import streaming
     from rankcut.models import resolve_model_source
 
     if args.calib_images or args.eval_images:

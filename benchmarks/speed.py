@@ -46,7 +46,7 @@ def memory_worker(args: argparse.Namespace, model_path: str) -> dict:
 
     import rankcut
     from rankcut.cli import peak_gpu_mb, peak_rss_mb
-    from rankcut.inference import time_generation
+    from rankcut.measure.inference import time_generation
 
     before = current_rss_mb()
     if model_path == args.dense:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import rankcut
-    from rankcut.inference import benchmark, print_speed_table
+    from rankcut.measure.inference import benchmark, print_speed_table
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

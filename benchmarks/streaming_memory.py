@@ -54,7 +54,7 @@ def make_model(folder: Path, seed: int = 0) -> Path:
     """
     if (folder / "model.safetensors.index.json").is_file():
         return folder
-    from rankcut.assets import ensure_smollm2
+    from rankcut.offline.assets import ensure_smollm2
 
     config = LlamaConfig(**SHAPE)
     tmp = folder.with_name(folder.name + ".partial")
@@ -88,7 +88,7 @@ def make_model(folder: Path, seed: int = 0) -> Path:
 
 def fp32_bytes(folder: Path) -> int:
     """Bytes of every tensor of the folder in fp32."""
-    from rankcut.checkpoint import tensor_specs
+    from rankcut.io.checkpoint import tensor_specs
 
     total = 0
     for _, shape in tensor_specs(folder).values():

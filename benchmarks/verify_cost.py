@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import rankcut
-from rankcut import checkpoint
+from rankcut.io import checkpoint
 
 
 def main() -> None:

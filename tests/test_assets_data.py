@@ -1,4 +1,4 @@
-"""Tests for rankcut.assets and rankcut.data; fast ones need no network and no real model."""
+"""Tests for offline.assets and calibration.data; fast ones need no network and no real model."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rankcut import assets, data
+from rankcut.calibration import data
 from rankcut.errors import AssetError, CalibrationError
+from rankcut.offline import assets
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,11 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from rankcut import image_data, methods, models, streaming
+from rankcut import methods, models
+from rankcut.calibration import image_data
+from rankcut.calibration.data import load_text
 from rankcut.cli import build_parser, main
-from rankcut.data import load_text
+from rankcut.compression import streaming
 from rankcut.errors import CalibrationError, CheckpointError, ModelLoadError, RankcutError
 
 from .conftest import tiny_model, tiny_tokenizer, word_text

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import linalg
-from rankcut.allocation import fill_budget, kept_params, loss_balanced_ranks
+from rankcut.core import linalg
+from rankcut.core.allocation import fill_budget, kept_params, loss_balanced_ranks
 from rankcut.errors import ConfigError
 from rankcut.methods import make_config, method_spec
 from rankcut.models import select_targets

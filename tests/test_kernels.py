@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankcut import kernels
+from rankcut.nn import kernels
 
 
 def _ints(*shape, seed=0):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rankcut import linalg
+from rankcut.core import linalg
 
 
 def _data(m=24, n=16, tokens=400, seed=0):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import rankcut
-from rankcut import linalg
+from rankcut.core import linalg
 from rankcut.errors import CalibrationError, ConfigError, UnsupportedModelError
 from rankcut.models import find_decoder_blocks, select_targets
 
@@ -153,8 +153,8 @@ def test_block_by_block_statistics_equal_a_full_forward(kind, calib_ids, tmp_pat
     """Replaying captured block inputs (the engine's block run) gives the statistics a
     hooked full forward gives, also for Gemma 3's mix of sliding and full attention
     layers."""
-    from rankcut.engine import BlockRun, ResidentModel
-    from rankcut.workfolder import WorkFolder
+    from rankcut.compression.engine import BlockRun, ResidentModel
+    from rankcut.compression.workfolder import WorkFolder
 
     model = tiny_model(kind)
     if kind == "gemma3":

@@ -14,9 +14,9 @@ import pytest
 from matplotlib import image as mpimg
 
 from rankcut import report
-from rankcut.checkpoint import BENCH_FILE
 from rankcut.cli import main
-from rankcut.outputs import OUTPUT_MARKER
+from rankcut.io.checkpoint import BENCH_FILE
+from rankcut.io.outputs import OUTPUT_MARKER
 
 from .conftest import tiny_model, tiny_tokenizer, word_text
 from .test_cli import _compress

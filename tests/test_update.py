@@ -9,16 +9,16 @@ import torch
 
 import rankcut
 from rankcut.cli import main
-from rankcut.errors import ConfigError
-from rankcut.methods import make_config
-from rankcut.modules import LowRankLinear
-from rankcut.update import (
+from rankcut.compression.update import (
     LoRAUpdateConfig,
     PairedMoments,
     RefitConfig,
     make_update,
     refit_factor,
 )
+from rankcut.errors import ConfigError
+from rankcut.methods import make_config
+from rankcut.nn.modules import LowRankLinear
 
 from .conftest import tiny_model, tiny_tokenizer
 from .test_cli import _compress
@@ -118,7 +118,7 @@ def test_refit_errors_are_those_of_the_final_model(calib_ids, target):
 
 
 def test_plan_round_trip_keeps_int8_layout():
-    from rankcut.hybrid import RowPlan
+    from rankcut.core.hybrid import RowPlan
 
     torch.manual_seed(0)
     u, v = torch.randn(12, 6), torch.randn(6, 10)

@@ -5,8 +5,8 @@ import torch
 
 import rankcut
 from rankcut.errors import CheckpointError
-from rankcut.inference import time_generation
-from rankcut.valuecache import (
+from rankcut.measure.inference import time_generation
+from rankcut.nn.valuecache import (
     LatentValue,
     disable_latent_values,
     enable_latent_values,

@@ -14,8 +14,10 @@ from transformers import (
 )
 
 import rankcut
-from rankcut import checkpoint, methods, models, pipeline
+from rankcut import methods, models
+from rankcut.compression import pipeline
 from rankcut.errors import UnsupportedModelError
+from rankcut.io import checkpoint
 
 from .conftest import VOCAB, tiny_config
 
@@ -146,8 +148,8 @@ def test_cli_compress_of_the_test_vlm_equals_plain_smollm2_and_exports(tmp_path,
     exports to a dense VLM."""
     from transformers import AutoProcessor
 
-    from rankcut import vlm_assets
     from rankcut.cli import main
+    from rankcut.offline import vlm_assets
 
     folder = vlm_assets.ensure_test_vlm(layout)
     tower = models.language_tower(AutoModelForImageTextToText.from_pretrained(folder))[0]

@@ -1,4 +1,5 @@
-"""Tests for the offline test VLMs (rankcut.vlm_assets) and image-text data (rankcut.image_data).
+"""Tests for the offline test VLMs (offline.vlm_assets) and image-text data
+(calibration.image_data).
 
 The first group needs nothing; the data group reads the scikit-image and easy-vqa wheels (fetched
 once with pip); the model group builds the two test VLMs from the cached SmolLM2 on first use.
@@ -16,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rankcut import image_data, vlm_assets
+from rankcut.calibration import image_data
 from rankcut.errors import AssetError, CalibrationError
+from rankcut.offline import vlm_assets
 
 LANGUAGE_TOWER = {"llava": "language_model", "smolvlm": "text_model"}
 
@@ -127,14 +129,23 @@ def test_bad_kind_limit_and_layout_are_rejected() -> None:
 
 
 def test_assets_flag_adds_the_vlm_assets(monkeypatch, capsys) -> None:
-    from rankcut import assets, cli
+    from rankcut import cli
+    from rankcut.calibration import image_data
+    from rankcut.measure import zeroshot
+    from rankcut.offline import assets
 
-    monkeypatch.setattr(assets, "ensure_all", lambda: {"smollm2": Path("/c/smol")})
-    monkeypatch.setattr(vlm_assets, "ensure_vlm_all", lambda: {"vlm-llava": Path("/c/llava")})
+    for module, name in ((assets, "ensure_smollm2"), (assets, "ensure_wiki"),
+                         (zeroshot, "ensure_analogies"), (image_data, "ensure_photos"),
+                         (image_data, "ensure_easy_vqa")):
+        monkeypatch.setattr(module, name, lambda name=name: Path(f"/c/{name}"))
+    monkeypatch.setattr(vlm_assets, "ensure_test_vlm", lambda layout: Path(f"/c/{layout}"))
+    plain = "smollm2: /c/ensure_smollm2\nwiki: /c/ensure_wiki\nanalogies: /c/ensure_analogies\n"
     assert cli.main(["assets"]) == 0
-    assert capsys.readouterr().out == "smollm2: /c/smol\n"
+    assert capsys.readouterr().out == plain
     assert cli.main(["assets", "--vlm"]) == 0
-    assert capsys.readouterr().out == "smollm2: /c/smol\nvlm-llava: /c/llava\n"
+    assert capsys.readouterr().out == plain + (
+        "vlm-llava: /c/llava\nvlm-smolvlm: /c/smolvlm\nphotos: /c/ensure_photos\n"
+        "easy-vqa: /c/ensure_easy_vqa\n")
 
 
 # --- data from the wheels (cached after the first run) ---------------------------------------
@@ -181,7 +192,7 @@ def test_easy_vqa_splits_are_complete_and_disjoint() -> None:
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rankcut.assets import ensure_smollm2
+    from rankcut.offline.assets import ensure_smollm2
 
     folder = ensure_smollm2()
     return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankcut import checkpoint, methods, models, pipeline, update
+from rankcut import methods, models
+from rankcut.calibration.data import IGNORE, Calibration, as_calibration
 from rankcut.cli import main
-from rankcut.data import IGNORE, Calibration, as_calibration
+from rankcut.compression import pipeline, update
 from rankcut.errors import CalibrationError, ConfigError
+from rankcut.io import checkpoint
 
 from .conftest import VOCAB, word_text
 from .test_vlm import IMAGE_TOKEN, image_batch, tiny_vlm
@@ -194,7 +196,7 @@ def test_streamed_image_calibration_equals_in_memory(tmp_path, layout, method, i
     """A vision-language model streams from its shards (vision side loaded with the
     embeddings), image samples included, to the factors of the in-memory run; so do
     targets outside the blocks, which the blocks then see compressed."""
-    from rankcut import streaming
+    from rankcut.compression import streaming
 
     tiny_vlm(layout).save_pretrained(tmp_path / "vlm", max_shard_size="50KB")
     assert len(list((tmp_path / "vlm").glob("*.safetensors"))) > 2
@@ -224,7 +226,7 @@ def test_cli_stream_with_image_calibration(tmp_path):
 
     from transformers import AutoProcessor
 
-    from rankcut import vlm_assets
+    from rankcut.offline import vlm_assets
 
     out = tmp_path / "out"
     assert main(["compress", "--model", "smollm2-llava", "--stream", "--method", "svd-llm",
@@ -266,13 +268,13 @@ def test_image_options_need_a_vision_language_model(model_dir, tmp_path, capsys)
 def llava_processor():
     from transformers import AutoProcessor
 
-    from rankcut import vlm_assets
+    from rankcut.offline import vlm_assets
 
     return AutoProcessor.from_pretrained(vlm_assets.ensure_test_vlm("llava"))
 
 
 def test_image_samples_are_record_eos_then_their_window(llava_processor):
-    from rankcut import data, image_data
+    from rankcut.calibration import data, image_data
 
     records = image_data.image_text_samples("captions", limit=3)
     text = data.load_text("wiki")
@@ -308,7 +310,7 @@ def test_image_samples_are_record_eos_then_their_window(llava_processor):
 
 
 def test_choose_records_is_seeded_and_keeps_file_order():
-    from rankcut.image_data import choose_records
+    from rankcut.calibration.image_data import choose_records
 
     records = [{"n": i} for i in range(10)]
     picked = choose_records(records, 4, seed=1)
@@ -322,8 +324,9 @@ def test_choose_records_is_seeded_and_keeps_file_order():
 def test_caption_perplexity_scores_the_text_given_the_image(llava_processor):
     from transformers import AutoModelForImageTextToText
 
-    from rankcut import image_data, vlm_assets
-    from rankcut.evaluation import caption_perplexity
+    from rankcut.calibration import image_data
+    from rankcut.measure.evaluation import caption_perplexity
+    from rankcut.offline import vlm_assets
 
     model = AutoModelForImageTextToText.from_pretrained(vlm_assets.ensure_test_vlm("llava"))
     records = image_data.image_text_samples("captions", limit=2)
@@ -355,8 +358,9 @@ def test_cli_io_svd_with_image_calibration_on_both_test_vlms(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import rankcut  # noqa: F401  (registers the quantizer for the plain reload)
-    from rankcut import image_data, vlm_assets
-    from rankcut.evaluation import caption_perplexity
+    from rankcut.calibration import image_data
+    from rankcut.measure.evaluation import caption_perplexity
+    from rankcut.offline import vlm_assets
 
     common = ["--method", "io-svd", "--ratio", "0.2", "--num-samples", "8", "--seqlen", "256",
               "--seed", "3", "--eval-seqlen", "512", "--max-windows", "4", "--device", "cpu"]

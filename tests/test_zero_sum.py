@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import allocation, correction, linalg
+from rankcut.compression import correction
+from rankcut.core import allocation, linalg
 from rankcut.errors import ConfigError
 
 from .conftest import VOCAB, tiny_model

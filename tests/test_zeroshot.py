@@ -1,4 +1,4 @@
-"""Zero-shot accuracy through lm-evaluation-harness (rankcut.zeroshot) on tiny random models."""
+"""Zero-shot accuracy through lm-evaluation-harness (measure.zeroshot) on tiny random models."""
 
 import hashlib
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import zeroshot
 from rankcut.cli import main
 from rankcut.errors import AssetError, ConfigError, TaskError
+from rankcut.measure import zeroshot
 
 from .conftest import VOCAB, tiny_model, tiny_tokenizer, word_text
 

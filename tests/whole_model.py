@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankcut import fisher, linalg
-from rankcut.data import IGNORE, Calibration, as_calibration
+from rankcut.calibration.data import IGNORE, Calibration, as_calibration
+from rankcut.calibration.hooks import InputMomentHooks
+from rankcut.core import fisher, linalg
 from rankcut.errors import CalibrationError
-from rankcut.hooks import InputMomentHooks
 
 
 class OutputMetricHooks:

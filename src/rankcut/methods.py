@@ -1,7 +1,7 @@
 """Compression methods: one frozen config dataclass per method and a small registry.
 
 A method says which statistics it needs and how to decompose one weight matrix given them;
-the pipeline (``rankcut.pipeline``) gathers the statistics and applies the result. Adding a
+the pipeline (``compression.pipeline``) gathers the statistics and applies the result. Adding a
 method means writing a config class and a decompose function, then registering them.
 """
 
@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import linalg
-from .allocation import RULES
+from .core import linalg
+from .core.allocation import RULES
+from .core.fisher import KL_MODES
+from .core.hybrid import REMAPS
 from .errors import ConfigError
-from .fisher import KL_MODES
-from .hybrid import REMAPS
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class IOSVDConfig(ZeroSumConfig):
             pass) or ``"both"`` (their sum).
         seed: seed of the random signs / samples of the KL pseudo-gradients.
         remap: None (pure low-rank, 16-bit factors), ``"classic"`` or ``"loss-aware"``
-            (hybrid int8 rows, see ``rankcut.hybrid``); with a remap, ``ratio`` is the
+            (hybrid int8 rows, see ``rankcut.core.hybrid``); with a remap, ``ratio`` is the
             reduction of the target layers' bytes relative to 16-bit dense weights.
     """
 

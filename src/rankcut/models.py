@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UnsupportedModelError
-from .modules import LowRankLinear
+from .nn.modules import LowRankLinear
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ def resolve_model_source(source: str | Path | None) -> str:
     model and ``"smollm2-llava"`` / ``"smollm2-smolvlm"`` the offline test VLMs, built on
     first use (side effect: may download and convert the assets)."""
     if source is None or str(source) == DEFAULT_MODEL:
-        from .assets import ensure_smollm2
+        from .offline.assets import ensure_smollm2
 
         return str(ensure_smollm2())
     if str(source) in TEST_VLMS:
-        from .vlm_assets import ensure_test_vlm
+        from .offline.vlm_assets import ensure_test_vlm
 
         return str(ensure_test_vlm(TEST_VLMS[str(source)]))
     return str(source)
@@ -87,7 +87,7 @@ def load_model(
             raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
         location = str(path)
         if _is_rankcut_checkpoint(path):
-            from .checkpoint import validate_checkpoint
+            from .io.checkpoint import validate_checkpoint
 
             validate_checkpoint(path, verify=verify)
         else:
@@ -173,7 +173,7 @@ def check_safetensors_folder(folder: Path) -> None:
     Raises:
         ModelLoadError: the index or a shard is missing, truncated or corrupt.
     """
-    from .checkpoint import safetensors_problem
+    from .io.checkpoint import safetensors_problem
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -227,8 +227,8 @@ def gguf_as_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path
     Raises:
         ModelLoadError: the file is missing or cannot be loaded.
     """
-    from .assets import COMPLETE_MARKER, build_folder, cache_dir
-    from .checkpoint import file_sha256
+    from .io.checkpoint import file_sha256
+    from .offline.assets import COMPLETE_MARKER, build_folder, cache_dir
 
     path = Path(path).expanduser()
     if not path.is_file():

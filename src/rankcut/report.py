@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import BENCH_FILE, RUN_FILE
+from ._version import __version__
 from .errors import ReportError
+from .io.checkpoint import BENCH_FILE, RUN_FILE
+from .io.outputs import OUTPUT_MARKER
 from .models import block_number, module_type
-from .outputs import OUTPUT_MARKER
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -316,7 +317,7 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
         ReportError: the folder has no config.json, or a figure file is not valid JSON.
         CheckpointError: the folder is not a whole rankcut checkpoint.
     """
-    from .checkpoint import bytes_by_dtype, tensor_specs, validate_checkpoint
+    from .io.checkpoint import bytes_by_dtype, tensor_specs, validate_checkpoint
 
     if not (path / "config.json").is_file():
         raise ReportError(f"{path} is a folder but not a rankcut checkpoint: it has no "
@@ -728,7 +729,6 @@ def render_html(data: ReportData, images: dict[str, list[tuple[str, str]]]) -> s
     """Returns the whole page: inputs, checkpoints, perplexity, rank allocation per layer
     and per module type, bytes by dtype, speed. Every inserted string is escaped; the page
     needs nothing but the PNGs next to it (no script, no remote resource)."""
-    from . import __version__
 
     def plots_or_note(anchor: str, note: str) -> str:
         return _images(images[anchor]) if images.get(anchor) else _note(note)
@@ -789,7 +789,7 @@ def write_report(paths: Sequence[str | Path], output: str | Path) -> Path:
         ReportError: a bad input (see ``gather``), no usable data in any input, or an
             output path that is not a report folder.
     """
-    from .outputs import write_dir_atomically
+    from .io.outputs import write_dir_atomically
 
     if not paths:
         raise ReportError("no input paths given")

@@ -34,28 +34,20 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .checkpoint import (
-    MARKER_SUFFIX,
+from .._version import __version__
+from ..calibration import distributed
+from ..calibration.data import Calibration, as_calibration
+from ..errors import ConfigError, ModelLoadError
+from ..io.checkpoint import (
+    add_markers,
     record_shard_digests,
     replace_with_low_rank,
     write_dir_atomically,
 )
-from .data import Calibration, as_calibration
-from .engine import (
-    BlockRun,
-    CompressionReport,
-    check_inputs,
-    compress_blocks,
-    head_logits,
-    outside_modules,
-    rebuild_layouts,
-    save_block,
-)
-from .errors import ConfigError, ModelLoadError
-from .evaluation import PerplexityResult, split_windows, summarize
-from .methods import MethodConfig
-from .models import (
+from ..io.outputs import check_replaceable
+from ..measure.evaluation import PerplexityResult, split_windows, summarize
+from ..methods import MethodConfig
+from ..models import (
     auto_model_class,
     block_index,
     check_safetensors_folder,
@@ -63,8 +55,17 @@ from .models import (
     is_vision_language,
     select_targets,
 )
-from .modules import LowRankLinear
-from .outputs import check_replaceable
+from ..nn.modules import LowRankLinear
+from .engine import (
+    BlockRun,
+    CompressionReport,
+    check_inputs,
+    head_logits,
+    outside_modules,
+    rebuild_layouts,
+    save_block,
+)
+from .pipeline import compress_blocks
 from .update import RefitConfig, UpdateConfig, apply_update
 from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     PROGRESS,
@@ -258,8 +259,7 @@ class StreamedModel:
         its marker), reads it from there from now on and releases it."""
         for name in names:
             module = self.model.get_submodule(name)
-            state = dict(module.state_dict(prefix=name + "."))
-            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
+            state = add_markers(dict(module.state_dict(prefix=name + ".")), [name])
             path = work.file("outside", name)
             save_tensors(path, state)
             self._use_outside(name, state, path)
@@ -315,7 +315,6 @@ class StreamSettings:
     def fingerprint(self) -> str:
         """A digest of everything that determines the output; a rerun resumes only when
         it matches."""
-        from . import __version__
 
         calib = self.calibration
         digest = hashlib.sha256()

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rankcut.errors import AssetError, CalibrationError, ModelLoadError
+from ..errors import AssetError, CalibrationError, ModelLoadError
+from ..io.atomic import atomic_path, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ WIKI_DUMP = WheelMember(
     "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 )
 #: Mikolov et al.'s word analogies (``: section`` headers, then ``a b c d`` lines), the source
-#: of the ``rankcut_analogies`` zero-shot task (:mod:`rankcut.zeroshot`).
+#: of the ``rankcut_analogies`` zero-shot task (:mod:`rankcut.measure.zeroshot`).
 ANALOGIES = WheelMember(
     "gensim==4.4.0",
     "gensim/test/test_data/questions-words.txt",
@@ -132,44 +133,28 @@ def extract_checked(wheel: Path, member: str, dest: Path, sha256: str) -> Path:
     Raises:
         AssetError: The wheel cannot be read, lacks ``member``, or the hash does not match.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as out:
-        tmp = Path(out.name)
+    with atomic_path(dest) as tmp:
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as out:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     digest.update(chunk)
                     out.write(chunk)
         except (OSError, KeyError, zipfile.BadZipFile) as exc:
-            tmp.unlink(missing_ok=True)
             raise AssetError(f"cannot read {member} from {wheel}: {exc}") from exc
-    if digest.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise AssetError(
-            f"{member} from {wheel} has sha256 {digest.hexdigest()}, expected {sha256}; "
-            f"delete {wheel} and fetch it again"
-        )
-    tmp.chmod(0o644)
-    os.replace(tmp, dest)
+        if digest.hexdigest() != sha256:
+            raise AssetError(
+                f"{member} from {wheel} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                f"delete {wheel} and fetch it again"
+            )
     return dest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as out:
-        out.write(text)
-    os.chmod(out.name, 0o644)
-    os.replace(out.name, path)
 
 
 def _convert_gguf(folder: Path, gguf_name: str) -> None:
     """Load the GGUF in ``folder`` and save it there as an fp32 safetensors model + tokenizer."""
     import torch
 
-    from .models import load_model
+    from ..models import load_model
 
     logger.info("dequantizing %s to fp32", gguf_name)
     try:
@@ -299,7 +284,7 @@ def ensure_wiki() -> Path:
         if not parts[part]:
             raise AssetError(f"the Wikipedia dump {dump} gave no {part} articles")
         logger.info("wiki %s: %d articles", part, len(parts[part]))
-        _write_atomic(folder / f"{part}.txt", "\n\n".join(parts[part]))
+        write_text(folder / f"{part}.txt", "\n\n".join(parts[part]))
     return folder
 
 
@@ -308,11 +293,3 @@ def wiki_text(part: str) -> str:
     if part not in WIKI_PARTS:
         raise CalibrationError(f"unknown wiki part {part!r}; choose one of {', '.join(WIKI_PARTS)}")
     return (ensure_wiki() / f"{part}.txt").read_text(encoding="utf-8")
-
-
-def ensure_all() -> dict[str, Path]:
-    """Fetch and build every offline asset; return ``{"smollm2": folder, "wiki": folder,
-    "analogies": the rankcut_analogies JSONL}``."""
-    from .zeroshot import ensure_analogies
-
-    return {"smollm2": ensure_smollm2(), "wiki": ensure_wiki(), "analogies": ensure_analogies()}

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
-from .linalg import SecondMoment
+from ..core.linalg import SecondMoment
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .data import Calibration

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def caption_perplexity(model: nn.Module, processor: Any, records: list[dict[str,
     Raises:
         CalibrationError: no record has any text, or an image cannot be read.
     """
-    from .data import IGNORE
-    from .image_data import encode_image_text
+    from ..calibration.data import IGNORE
+    from ..calibration.image_data import encode_image_text
 
     parameter = next(model.parameters())
     nll, tokens = [], 0

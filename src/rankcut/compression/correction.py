@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, linalg
-from .data import as_calibration
+from ..calibration import distributed
+from ..calibration.data import as_calibration
+from ..core import linalg
+from ..nn.modules import LowRankLinear
 from .engine import (
     BlockRun,
     ModuleResult,
@@ -34,7 +36,6 @@ from .engine import (
     sample_loss,
     save_block,
 )
-from .modules import LowRankLinear
 from .workfolder import load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)

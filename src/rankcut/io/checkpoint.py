@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -31,8 +32,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import CheckpointError
-from .modules import LowRankLinear
+from ..errors import CheckpointError
+from ..nn.modules import LowRankLinear
 from .outputs import leftover_target, write_dir_atomically
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,19 @@ SUPPORTED_FORMATS = (1,)
 MARKER_SUFFIX = ".weight"
 #: ``quantization_config`` key of the ``{shard file: sha256}`` written at save time.
 DIGESTS_KEY = "shard_sha256"
+
+
+def marker_key(name: str) -> str:
+    """The state-dict key of module ``name``'s marker: a one-element int8 tensor that records
+    in the shards themselves that the module is stored low-rank."""
+    return name + MARKER_SUFFIX
+
+
+def add_markers(state: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Adds the marker of each factorized module in ``names`` to ``state``; returns it."""
+    for name in names:
+        state[marker_key(name)] = torch.zeros(1, dtype=torch.int8)
+    return state
 
 
 class RankcutConfig(QuantizationConfigMixin):
@@ -81,7 +95,7 @@ class RankcutHfQuantizer(HfQuantizer):
                               device="meta",
                               int8_layout=getattr(self.quantization_config, "int8_layout", None))
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-        markers = {re.escape(name + MARKER_SUFFIX) + "$"
+        markers = {re.escape(marker_key(name)) + "$"
                    for name, rank in self.quantization_config.rank_map.items() if rank}
         model._keys_to_ignore_on_load_unexpected = ignore | markers
         for name, rank in self.quantization_config.rank_map.items():
@@ -172,7 +186,7 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
         CheckpointError: the model carries no rankcut ``quantization_config``, or the
             latent value cache (an inference-time switch) is on.
     """
-    from .valuecache import uses_latent_values
+    from ..nn.valuecache import uses_latent_values
 
     check_saveable(model)
     path = Path(path)
@@ -181,11 +195,9 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
         raise CheckpointError("model has no rankcut quantization_config; compress it first")
     if uses_latent_values(model):
         raise CheckpointError("the latent value cache is on; call "
-                              "rankcut.valuecache.disable_latent_values(model) before saving")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    for name, rank in entry["rank_map"].items():
-        if rank:
-            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
+                              "rankcut.nn.valuecache.disable_latent_values(model) before saving")
+    state = add_markers({k: v.contiguous() for k, v in model.state_dict().items()},
+                        [name for name, rank in entry["rank_map"].items() if rank])
     model.config.quantization_config = entry
 
     entry.pop(DIGESTS_KEY, None)  # a loaded checkpoint's digests describe its own shards
@@ -486,7 +498,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
     from transformers import AutoConfig
 
-    from .models import auto_model_class, is_vision_language
+    from ..models import auto_model_class, is_vision_language
 
     vlm = is_vision_language(AutoConfig.from_pretrained(str(path)))
     model = auto_model_class(vlm).from_pretrained(str(path), **kwargs)

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .blocks import run_block
-from .data import Calibration, as_calibration
+from ..calibration import distributed
+from ..calibration.blocks import run_block
+from ..calibration.data import Calibration, as_calibration
+from ..errors import ConfigError
+from ..nn.modules import LowRankLinear
 from .engine import BlockRun, UpdateReport, save_block
-from .errors import ConfigError
-from .modules import LowRankLinear
 from .workfolder import load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
     """Runs ``config``'s update on the blocks ``run`` compressed.
 
     Args:
-        run: the block run of the compression (``engine.compress_blocks``; for a refit it
+        run: the block run of the compression (``pipeline.compress_blocks``; for a refit it
             must have kept its blocks and originals: ``refit=True``).
         config: ``RefitConfig`` or ``LoRAUpdateConfig`` (in memory only: it trains the
             whole model).

@@ -7,8 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from . import linalg
-from .errors import CalibrationError
+from ..core import linalg
+from ..errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 

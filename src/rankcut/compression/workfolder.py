@@ -19,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import distributed
-from .errors import CheckpointError
+from ..calibration import distributed
+from ..errors import CheckpointError
+from ..io.atomic import atomic_path, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class WorkFolder:
         """Records ``updates`` in the progress file atomically (write, fsync, rename) and
         logs them with the process's peak RSS so far."""
         self.progress.update(updates)
-        _atomic_write(self.path / PROGRESS, json.dumps(self.progress).encode())
+        write_bytes(self.path / PROGRESS, json.dumps(self.progress).encode())
         trim_heap()
         steps = ", ".join(f"{k}={v}" for k, v in updates.items() if isinstance(v, int))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -158,20 +159,10 @@ def _read_progress(record: Path) -> dict:
     return progress
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Writes ``tensors`` to a safetensors file atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .modules import LowRankLinear
 
 ATTENTION_NAME = "rankcut_latent_values"

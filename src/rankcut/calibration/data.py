@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from rankcut.assets import WIKI_PARTS, wiki_text
-from rankcut.errors import CalibrationError
+from ..errors import CalibrationError
+from ..offline.assets import WIKI_PARTS, wiki_text
 
 logger = logging.getLogger(__name__)
 

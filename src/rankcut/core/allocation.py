@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .linalg import break_even_rank, uniform_rank
-from .models import module_type
 
 RULES = ("zero-sum", "least-sensitive")
 
@@ -156,7 +155,7 @@ def loss_balanced_ranks(
         weights[name] = 1.0 / math.log(max(math.sqrt(tokens * float(tail)), math.e))
     groups: dict[str, list[str]] = {}
     for name in shapes:
-        groups.setdefault(module_type(name), []).append(name)
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)  # by module type
     ranks = {}
     for names in groups.values():
         mean = sum(weights[name] for name in names) / len(names)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.hybrid import RowPlan, component_order, dequantize_rows, quantize_rows
 from . import kernels
-from .hybrid import RowPlan, component_order, dequantize_rows, quantize_rows
 
 DEQUANTIZE_ONCE_TOKENS = 64  # from this many tokens per call, int8 factors are dequantized
 
@@ -159,7 +159,7 @@ class LowRankLinear(nn.Module):
 
         With int8 rows and many tokens (prefill) the factors are dequantized once per call,
         a cost spread over the tokens; with few tokens (decode) no factor is assembled:
-        the int8 blocks go through the fused kernels of ``rankcut.kernels`` (read once,
+        the int8 blocks go through the fused kernels of ``rankcut.nn.kernels`` (read once,
         converted in registers) and the u-side scales are applied to the r-dimensional
         activations.
         """

@@ -1,7 +1,7 @@
 """Pure math: statistics, whitening and truncated factorizations.
 
 Every function here takes tensors and returns tensors; none touches a model, a hook or a
-file. The pipeline (``rankcut.pipeline``) feeds them the statistics it gathered.
+file. The pipeline (``rankcut.compression.pipeline``) feeds them the statistics it gathered.
 
 Notation follows DESIGN.md: a linear layer computes ``y = W x`` with ``W`` of shape m×n
 (out×in); ``R = (1/N) Σ x xᵀ`` is the n×n input second moment; ``S Sᵀ = R``.

@@ -1,7 +1,7 @@
 """The compression engine: every strategy written once, run block by block over an executor.
 
 A run goes through the decoder blocks one at a time. Calibration activations and
-back-propagated vectors live in a work folder (``rankcut.workfolder``), one file per batch,
+back-propagated vectors live in a work folder (``compression.workfolder``), one file per batch,
 so memory holds one block, its statistics and one batch's activations, never the whole
 model's. Two executors hold the weights:
 
@@ -46,14 +46,14 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, fisher, linalg
-from .allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
-from .blocks import capture_block_inputs, kwarg_sources
-from .checkpoint import MARKER_SUFFIX, replace_with_low_rank, safetensors_problem
-from .data import IGNORE, Calibration, as_calibration
-from .errors import CalibrationError, ConfigError
-from .hooks import InputMomentHooks
-from .hybrid import (
+from .._version import __version__
+from ..calibration import distributed
+from ..calibration.blocks import capture_block_inputs, kwarg_sources
+from ..calibration.data import IGNORE, as_calibration
+from ..calibration.hooks import InputMomentHooks
+from ..core import fisher, linalg
+from ..core.allocation import global_select, kept_params, loss_balanced_ranks, uniform_ranks
+from ..core.hybrid import (
     RowPlan,
     classic_cost,
     classic_plan,
@@ -61,9 +61,16 @@ from .hybrid import (
     loss_aware_plans,
     row_loss_changes,
 )
-from .methods import MethodConfig, method_spec
-from .models import block_index, find_decoder_blocks
-from .modules import LowRankLinear
+from ..errors import CalibrationError, ConfigError
+from ..io.checkpoint import (
+    add_markers,
+    marker_key,
+    replace_with_low_rank,
+    safetensors_problem,
+)
+from ..methods import MethodConfig, method_spec
+from ..models import block_index, find_decoder_blocks
+from ..nn.modules import LowRankLinear
 from .workfolder import WorkFolder, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -146,7 +153,6 @@ class CompressionReport:
 
     def quantization_config(self) -> dict:
         """Returns the ``quantization_config`` entry written into config.json."""
-        from . import __version__
 
         return {
             "quant_method": "rankcut",
@@ -345,11 +351,8 @@ def block_state(sm: Executor, index: int, ranks: dict) -> dict[str, torch.Tensor
     """The state dict of compressed block ``index`` under its qualified names, with the
     one-element markers of its factorized modules (the checkpoint format's)."""
     prefix = f"{sm.prefix}.{index}."
-    state = dict(sm.blocks[index].state_dict(prefix=prefix))
-    for name, rank in ranks.items():
-        if rank and name.startswith(prefix):
-            state[name + MARKER_SUFFIX] = torch.zeros(1, dtype=torch.int8)
-    return state
+    return add_markers(dict(sm.blocks[index].state_dict(prefix=prefix)),
+                       [name for name, rank in ranks.items() if rank and name.startswith(prefix)])
 
 
 def save_block(work: WorkFolder, kind: str, sm: Executor, index: int, ranks: dict) -> None:
@@ -363,7 +366,7 @@ def load_block(work: WorkFolder, kind: str, sm: Executor, index: int) -> nn.Modu
     block's parameters become the loaded tensors; the executor releases them as usual."""
     prefix = f"{sm.prefix}.{index}."
     block = sm.blocks[index]
-    markers = {name + MARKER_SUFFIX for name, module in block.named_modules()
+    markers = {marker_key(name) for name, module in block.named_modules()
                if isinstance(module, LowRankLinear)}
     stored = load_tensors(work.file(kind, f"block-{index:05d}"), sm.device)
     state = {name[len(prefix):]: tensor for name, tensor in stored.items()}
@@ -457,109 +460,6 @@ def head_logits(sm: Executor, hidden: torch.Tensor) -> torch.Tensor:
     last block's output ``hidden`` [B, T, H]; the head must be loaded."""
     with _head_only(sm):
         return sm.model(inputs_embeds=hidden, use_cache=False).logits
-
-
-def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
-                    config: MethodConfig, targets: dict[str, nn.Linear],
-                    calibration: Calibration | None, batch_size: int,
-                    rank_map: dict[str, int | None] | None,
-                    refit: bool = False) -> BlockRun:
-    """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``, then
-    runs its correction stages (``rankcut.correction``) when it has them.
-
-    Side effects: swaps the factorized layers into ``sm.model`` (and has the executor keep
-    each compressed block: a shard in ``work`` when streamed); frees the replaced layers'
-    weights; commits every step to ``work`` (a rerun resumes); sets ``report.modules``
-    (every target's result, in block order) and ``report.stage_losses``.
-
-    Args:
-        sm: the executor.
-        work: the run's work folder.
-        config: the method and its settings.
-        targets: {name: nn.Linear} inside the decoder blocks.
-        calibration: the calibration samples, token ids or image-text (None for methods
-            without statistics).
-        batch_size: samples per forward pass of the input statistics.
-        rank_map: {module: rank or None} to use instead of the method's allocation.
-        refit: a refit follows (``update.refit_blocks``): every process keeps its blocks
-            and the original weights in ``work``.
-
-    Returns:
-        The block run, for the steps that follow on the compressed blocks.
-    """
-    from .correction import correct  # the stages build on this module's block run
-
-    batches, grad_batches = _calibration_batches(config, calibration, batch_size)
-    run = BlockRun(sm, work, config, targets, batches, grad_batches)
-    run.durable = run.correcting or refit
-    if config.needs_output_stats and calibration is not None:
-        grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
-        run.idle_steps = distributed.idle_steps(
-            len(calibration[:grad_samples].split(config.grad_batch_size)))
-    mode = _mode(config, rank_map)
-    run.recover(mode)
-    sm.restore_outside(work, work.progress.get("results", []))
-    if mode == "backward":
-        run.store_by_backward(scoring=rank_map is None and config.allocation == "global")
-    elif mode == "forward":
-        run.store_by_forward()
-    if mode == "uniform":
-        shapes = {name: tuple(layer.weight.shape) for name, layer in targets.items()}
-        ranks, plans = rank_map or uniform_ranks(shapes, config.ratio), {}
-    else:
-        ranks, plans = run.select(rank_map)
-    run.write_blocks(ranks, plans, stored=mode != "uniform")
-    if run.durable:
-        run.use_written_layouts()
-    if any(ranks[name] is not None for name in run.post):
-        _untie_head(sm.model)
-    if run.correcting:
-        report.stage_losses = correct(run, ranks, plans)
-    report.modules = [ModuleResult(**{**r, "shape": tuple(r["shape"])})
-                      for r in work.progress["results"]]
-    return run
-
-
-def _untie_head(model: nn.Module) -> None:
-    """Records in ``model``'s config that its factorized LM head no longer shares the
-    input embeddings (a loader would otherwise tie them again)."""
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
-
-
-def _mode(config: MethodConfig, rank_map: dict | None) -> str:
-    """How a block-wise run proceeds: ``"backward"`` (forward pass, head, block-wise
-    backward storing every factor, then allocation), ``"forward"`` (factors stored block
-    by block, then allocation) or ``"uniform"`` (ranks known: blocks written directly)."""
-    if config.needs_row_fisher or (config.allocation == "global"
-                                   and (rank_map is None or config.needs_output_stats)):
-        return "backward"
-    if config.allocation == "truncation-loss" and rank_map is None:
-        return "forward"
-    return "uniform"
-
-
-def _calibration_batches(config: MethodConfig, calibration: Calibration | None,
-                         batch_size: int) -> tuple[list[torch.Tensor], int]:
-    """The calibration batches and how many of them (the first) enter the gradients.
-
-    Global methods batch as the whole-model gradient pass does: the first
-    ``grad_samples`` samples in batches of ``grad_batch_size``, then the rest (input
-    statistics only) in batches of the same size.
-    """
-    if calibration is None or calibration.numel() == 0:
-        return [], 0
-    if config.allocation != "global" and not config.needs_row_fisher:
-        return distributed.my_batches(calibration, batch_size), 0
-    grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
-    size = config.grad_batch_size
-    grad = distributed.my_batches(calibration[:grad_samples], size)
-    rank, processes = distributed.world()
-    rest = calibration[grad_samples:] if config.needs_input_stats else calibration[:0]
-    rest = list(rest.split(size))[rank::processes] if len(rest) else []
-    return grad + rest, len(grad)
-
 
 
 class BlockRun:

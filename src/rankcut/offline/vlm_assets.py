@@ -1,7 +1,7 @@
 """Offline test VLMs: the real SmolLM2-135M-Instruct as the language tower of two VLM layouts.
 
 No trained small VLM ships in any registry package, so the test models are assembled from real
-parts (DESIGN.md section 5): SmolLM2's exact fp32 weights (:func:`rankcut.assets.ensure_smollm2`)
+parts (DESIGN.md section 5): SmolLM2's exact fp32 weights (:func:`offline.assets.ensure_smollm2`)
 become the language tower of
 
 - ``"llava"``: a ``LlavaForConditionalGeneration`` with a small SigLIP vision tower (64 px images,
@@ -31,8 +31,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankcut.assets import COMPLETE_MARKER, build_folder, cache_dir, ensure_smollm2
-from rankcut.errors import AssetError
+from ..errors import AssetError
+from .assets import COMPLETE_MARKER, build_folder, cache_dir, ensure_smollm2
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def build_test_vlm(name: str, out: Path, smollm2: Path | None = None) -> Path:
         name: Layout name, a key of :data:`LAYOUTS`.
         out: Folder to write (created; files in it are overwritten). Not atomic: see
             :func:`ensure_test_vlm`.
-        smollm2: SmolLM2 folder; defaults to :func:`rankcut.assets.ensure_smollm2` (which may
+        smollm2: SmolLM2 folder; defaults to :func:`offline.assets.ensure_smollm2` (which may
             download and convert it).
 
     Raises:
@@ -287,15 +287,3 @@ def ensure_test_vlm(name: str) -> Path:
     build_folder(target, marker, build)
     logger.info("test VLM ready at %s", target)
     return target
-
-
-def ensure_vlm_all() -> dict[str, Path]:
-    """Build every VLM asset: ``{"vlm-llava", "vlm-smolvlm": folders, "photos", "easy-vqa": ...}``.
-
-    Side effects: as :func:`ensure_test_vlm`, :func:`rankcut.image_data.ensure_photos` and
-    :func:`rankcut.image_data.ensure_easy_vqa` (downloads, about 1.1 GB written to the cache).
-    """
-    from rankcut.image_data import ensure_easy_vqa, ensure_photos
-
-    paths = {f"vlm-{name}": ensure_test_vlm(name) for name in LAYOUTS}
-    return {**paths, "photos": ensure_photos(), "easy-vqa": ensure_easy_vqa()}

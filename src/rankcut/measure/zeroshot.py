@@ -28,8 +28,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from .assets import ANALOGIES, _write_atomic, cache_dir, extract_checked, fetch_wheel
-from .errors import AssetError, ConfigError, TaskError
+from ..errors import AssetError, ConfigError, TaskError
+from ..io.atomic import write_text
+from ..offline.assets import ANALOGIES, cache_dir, extract_checked, fetch_wheel
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ ANALOGY_FILE = "rankcut_analogies-v1.jsonl"
 ANALOGY_SEED = 0
 ANALOGY_PER_SECTION = 50
 ANALOGY_DISTRACTORS = 3
-YAML_HEADER = "# written by rankcut.zeroshot; rewritten on every run (JSON is valid YAML)\n"
+YAML_HEADER = "# written by rankcut.measure.zeroshot; rewritten on every run (JSON is valid YAML)\n"
 
 
 def tasks_dir() -> Path:
@@ -160,7 +161,7 @@ def write_local_task(path: Path, name: str | None = None) -> str:
     target = tasks_dir() / f"{name}.yaml"
     text = task_yaml(name, path)
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
-        _write_atomic(target, text)
+        write_text(target, text)
     logger.info("task %s: %d questions from %s", name, count, path)
     return name
 
@@ -243,7 +244,7 @@ def ensure_analogies() -> Path:
     questions = analogy_questions(parse_questions_words(source.read_text(encoding="utf-8")))
     if not questions:
         raise AssetError(f"{source} gave no analogy questions")
-    _write_atomic(target, "".join(json.dumps(q) + "\n" for q in questions))
+    write_text(target, "".join(json.dumps(q) + "\n" for q in questions))
     logger.info("analogy task: %d questions written to %s", len(questions), target)
     return target
 

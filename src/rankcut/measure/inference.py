@@ -182,7 +182,7 @@ def check_bench_settings(batch_sizes: list[int], prompt_lens: list[int], new_tok
                          repeats: int) -> None:
     """Raises ConfigError for a batch size, prompt length or repeat count below 1, or a
     negative number of new tokens."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     for flag, values in (("batch-sizes", batch_sizes), ("prompt-lens", prompt_lens),
                          ("repeats", [repeats])):

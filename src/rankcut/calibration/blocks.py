@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import linalg
+from ..core import linalg
 from .data import Calibration, as_calibration
 from .hooks import InputMomentHooks
 

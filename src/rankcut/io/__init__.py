@@ -1,0 +1,3 @@
+"""Checkpoint IO: the format (markers, shard digests, config entry), loading, atomic writes of
+outputs.
+"""

@@ -1,0 +1,1 @@
+"""Measurement: perplexity, zero-shot tasks, generation speed."""

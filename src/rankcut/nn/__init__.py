@@ -1,0 +1,1 @@
+"""The low-rank modules, their kernels and the compressed value cache."""

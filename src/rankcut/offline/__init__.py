@@ -1,0 +1,1 @@
+"""Offline assets: wheels, wiki text, the bundled SmolLM2 and the test vision-language models."""
