@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import rankcut
 from rankcut.cli import main
 
 from .conftest import VOCAB, word_text
@@ -149,6 +150,39 @@ def test_io_svd_flag_on_another_method_is_refused(model_dir, calib_file, tmp_pat
     assert _compress(model_dir, calib_file, tmp_path / "x", "--method", "zero-sum",
                      "--top-k", "3") == 2
     assert "has no setting(s) ['top_k']" in capsys.readouterr().err
+
+
+def test_every_config_setting_is_a_flag_that_reaches_its_config():
+    """The flags are derived from the config dataclasses (one source of truth): each
+    setting of each method and update has its flag, and a value given there arrives."""
+    from dataclasses import fields
+
+    from rankcut import cli
+    from rankcut.compression.update import UPDATES
+    from rankcut.methods import METHODS
+
+    parser = cli.build_parser()
+    compress = parser._subparsers._group_actions[0].choices["compress"]
+    flags = {option for action in compress._actions for option in action.option_strings}
+    for prefix, classes in [("", [s.config_cls for s in METHODS.values()]),
+                            *[(f"{name}-", [cls]) for name, cls in UPDATES.items()]]:
+        for cls in classes:
+            for f in fields(cls):
+                flag = "--" + prefix + f.name.replace("_", "-")
+                assert flag in flags or not f.metadata["flag"], (cls.name, flag)
+    args = parser.parse_args(["compress", "--method", "io-svd", "--min-rank", "3", "--kl-mode",
+                              "exact", "--sequential", "--update", "lora", "--lora-alpha", "4",
+                              "--seed", "9"])
+    with pytest.raises(rankcut.errors.ConfigError, match="cannot run sequentially"):
+        cli._compress_settings(args)
+    args.sequential = None
+    config, update, _ = cli._compress_settings(args)
+    assert (config.min_rank, config.kl_mode, config.top_k) == (3, "exact", 5)
+    assert config.seed == 0  # --seed samples the calibration; the KL draws keep their own
+    assert (update.name, update.alpha, update.rank) == ("lora", 4.0, 8)
+    args = parser.parse_args(["compress", "--lora-steps", "3"])
+    with pytest.raises(rankcut.errors.ConfigError, match="--lora-steps needs --update lora"):
+        cli._compress_settings(args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

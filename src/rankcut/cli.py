@@ -11,7 +11,9 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from .errors import RankcutError
 from .io.atomic import write_json
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser with one sub-command per verb."""
+    from .compression.update import UPDATES
     from .methods import DEFAULT_METHOD, METHODS
 
     parser = argparse.ArgumentParser(prog="rankcut", description=__doc__)
@@ -50,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="HF folder, .gguf file or hub id (default: "
                    "bundled SmolLM2-135M-Instruct)")
     c.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
-    c.add_argument("--ratio", type=float, default=0.2,
-                   help="fraction of target-layer parameters to remove, in (0, 1)")
     c.add_argument("--calib", default="wiki", help="wiki | wikitext2 | c4 | ptb | alpaca")
     c.add_argument("--calib-file", default=None, help="local .txt or .jsonl calibration text")
     c.add_argument("--num-samples", type=int, default=64, help="calibration windows")
@@ -64,44 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--seed", type=int, default=3)
     c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--sequential", action="store_true",
-                   help="feed each block the already-compressed blocks' outputs")
-    c.add_argument("--rule", default=None, choices=["zero-sum", "least-sensitive"],
-                   help="global selection rule (zero-sum, io-svd)")
-    c.add_argument("--stages", type=int, default=None,
-                   help="1 = truncate only; N adds N-1 correct/re-truncate stages "
-                        "(zero-sum, io-svd)")
-    c.add_argument("--min-rank", type=int, default=None,
-                   help="rank floor per matrix (zero-sum, io-svd)")
-    c.add_argument("--remap", default=None, choices=["classic", "loss-aware"],
-                   help="store some factor rows in int8 (io-svd); --ratio is then the byte "
-                        "reduction of the target layers")
-    c.add_argument("--grad-samples", type=int, default=None,
-                   help="calibration samples used for gradients (zero-sum, io-svd; default all)")
-    c.add_argument("--grad-batch-size", type=int, default=None,
-                   help="samples per gradient pass (zero-sum, io-svd; default 4): with "
-                        "--stream it sets the head's logits memory")
-    c.add_argument("--top-k", type=int, default=None,
-                   help="next tokens kept by the KL output metric (io-svd; default 5)")
-    c.add_argument("--kl-mode", default=None, choices=["exact", "sample"],
-                   help="exact: K backward passes per batch; sample: one (io-svd; default)")
-    c.add_argument("--score", default=None, choices=["first", "second", "both"],
-                   help="component score: first-order loss, second-order KL, or their sum "
-                        "(io-svd; default second)")
-    c.add_argument("--alpha", type=float, default=None,
-                   help="exponent of the input-channel scales (asvd; default 0.5)")
-    c.add_argument("--update", default="none", choices=["none", "refit", "lora"],
+    _add_setting_flags(c, [spec.config_cls for spec in METHODS.values()])
+    c.add_argument("--update", default="none", choices=["none", *UPDATES],
                    help="parameter update after truncation: closed-form refit of W_u, or "
                         "sequential LoRA on W_u then W_v (any method)")
-    c.add_argument("--refit-target", default=None, choices=["compressed", "original"],
-                   help="refit W_u to the original layer on the compressed model's inputs "
-                        "(default) or to its outputs in the original model")
-    c.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
-    c.add_argument("--lora-steps", type=int, default=None,
-                   help="optimizer steps per LoRA stage (default 20)")
-    c.add_argument("--lora-batch-size", type=int, default=None,
-                   help="calibration samples per LoRA step (default 4)")
-    c.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default 3e-4)")
+    for name, update_cls in UPDATES.items():
+        _add_setting_flags(c, [update_cls], prefix=f"{name}_")
     c.add_argument("--rank-map", default=None, metavar="FILE",
                    help="reuse a rank map (rank_map.json of an earlier run) instead of allocating")
     c.add_argument("--include", nargs="+", default=None, metavar="GLOB")
@@ -269,6 +238,47 @@ def _compress(args: argparse.Namespace, device: str, dtype) -> None:
         _compress_locked(args, device, dtype, config, update_config, rank_map)
 
 
+def _add_setting_flags(parser: argparse.ArgumentParser, classes: list[type],
+                       prefix: str = "") -> None:
+    """Adds one flag per setting of the config dataclasses ``classes`` (``methods.setting``
+    fields): ``--min-rank`` for ``min_rank``, typed, with its choices and its help, which
+    names the methods that take it and their defaults. Every flag defaults to None: the
+    config's own default."""
+    owners: dict[str, list[tuple[type, Any]]] = {}
+    for cls in classes:
+        for f in fields(cls):
+            if f.metadata.get("flag", False):
+                owners.setdefault(f.name, []).append((cls, f))
+    for name, found in owners.items():
+        f = found[0][1]
+        kind = str(f.type).split(" | ")[0]
+        defaults: dict[str, list[str]] = {}
+        for cls, own in found:
+            defaults.setdefault(str(own.default), []).append(cls.name)
+        where = "; ".join(f"default {value}" + (f" for {', '.join(names)}" if len(defaults) > 1
+                                                 else "") for value, names in defaults.items()
+                          if value not in ("None", "False"))
+        if len(found) < len(classes):
+            where = "; ".join(filter(None, [", ".join(cls.name for cls, _ in found), where]))
+        where = f" ({where})" if where else ""
+        flag = "--" + (prefix + name).replace("_", "-")
+        if kind == "bool":
+            parser.add_argument(flag, action="store_const", const=True, default=None,
+                                help=f"{f.metadata['help']}{where}")
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
+                                default=None, choices=f.metadata["choices"],
+                                help=f"{f.metadata['help']}{where}")
+
+
+def _settings(args: argparse.Namespace, classes: list[type], prefix: str = "") -> dict:
+    """The settings of ``classes`` given on the command line (flags of
+    :func:`_add_setting_flags` left unset are left out)."""
+    names = {f.name for cls in classes for f in fields(cls) if f.metadata.get("flag", False)}
+    return {name: getattr(args, prefix + name) for name in sorted(names)
+            if getattr(args, prefix + name) is not None}
+
+
 def _compress_settings(args: argparse.Namespace):
     """Returns (method config, update config or None, rank map or None) from the flags.
 
@@ -279,20 +289,16 @@ def _compress_settings(args: argparse.Namespace):
     from .calibration import distributed
     from .compression import update
 
-    config = methods.make_config(
-        args.method, ratio=args.ratio, sequential=args.sequential or None, rule=args.rule,
-        stages=args.stages, min_rank=args.min_rank, grad_samples=args.grad_samples,
-        grad_batch_size=args.grad_batch_size,
-        top_k=args.top_k, kl_mode=args.kl_mode, score=args.score, remap=args.remap,
-        alpha=args.alpha)
-    lora = dict(rank=args.lora_rank, steps=args.lora_steps, batch_size=args.lora_batch_size,
-                lr=args.lora_lr)
-    if args.update != "lora" and any(v is not None for v in lora.values()):
-        raise update.ConfigError("--lora-* settings need --update lora")
-    if args.update != "refit" and args.refit_target is not None:
-        raise update.ConfigError("--refit-target needs --update refit")
-    update_config = update.make_update(
-        args.update, **(lora if args.update == "lora" else {"target": args.refit_target}))
+    config = methods.make_config(args.method, **_settings(
+        args, [spec.config_cls for spec in methods.METHODS.values()]))
+    for name, update_cls in update.UPDATES.items():
+        given = _settings(args, [update_cls], prefix=f"{name}_")
+        if name != args.update and given:
+            flag = "--" + f"{name}_{next(iter(given))}".replace("_", "-")
+            raise update.ConfigError(f"{flag} needs --update {name}")
+    update_config = update.make_update(args.update, **_settings(
+        args, [update.UPDATES[args.update]], prefix=f"{args.update}_")
+        if args.update in update.UPDATES else {})
     if update_config is not None and distributed.world()[1] > 1:
         raise update.ConfigError(f"--update {args.update} is not distributed; run it without "
                                  "torchrun")

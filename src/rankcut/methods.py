@@ -8,7 +8,7 @@ method means writing a config class and a decompose function, then registering t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,14 @@ from .core.allocation import RULES
 from .core.fisher import KL_MODES
 from .core.hybrid import REMAPS
 from .errors import ConfigError
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None,
+            flag: bool = True) -> Any:
+    """A config field and what the command line shows for it: ``cli.py`` derives one flag
+    per setting (``--min-rank`` for ``min_rank``) with this ``help`` and ``choices``;
+    ``flag=False`` keeps a setting off the command line."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,8 @@ class MethodConfig:
     # "uniform"; "global": ranks chosen across the model from loss gradients;
     # "truncation-loss": per module type from each matrix's truncation loss (SVD-LLM v2)
     allocation: ClassVar[str] = "uniform"
-    ratio: float = 0.2
-    sequential: bool = False
+    ratio: float = setting(0.2, "fraction of target-layer parameters to remove, in (0, 1)")
+    sequential: bool = setting(False, "feed each block the already-compressed blocks' outputs")
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
@@ -74,12 +82,16 @@ class ASVDConfig(MethodConfig):
 
     name: ClassVar[str] = "asvd"
     needs_input_stats: ClassVar[bool] = True
-    alpha: float = 0.5
+    alpha: float = setting(0.5, "exponent of the input-channel scales")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 2.0:
             raise ConfigError(f"alpha must be in [0, 2]; got {self.alpha!r}")
+
+
+GRAD_SAMPLES_HELP = "calibration samples used for gradients (unset: all)"
+GRAD_BATCH_HELP = "samples per gradient pass: with --stream it sets the head's logits memory"
 
 
 @dataclass(frozen=True)
@@ -94,8 +106,8 @@ class FWSVDConfig(MethodConfig):
 
     name: ClassVar[str] = "fwsvd"
     needs_row_fisher: ClassVar[bool] = True
-    grad_samples: int | None = None
-    grad_batch_size: int = 1
+    grad_samples: int | None = setting(None, GRAD_SAMPLES_HELP)
+    grad_batch_size: int = setting(1, GRAD_BATCH_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,11 +147,11 @@ class ZeroSumConfig(SVDLLMConfig):
 
     name: ClassVar[str] = "zero-sum"
     allocation: ClassVar[str] = "global"
-    rule: str = "zero-sum"
-    min_rank: int = 1
-    stages: int = 1
-    grad_samples: int | None = None
-    grad_batch_size: int = 4
+    rule: str = setting("zero-sum", "global selection rule", RULES)
+    min_rank: int = setting(1, "rank floor per matrix")
+    stages: int = setting(1, "1 = truncate only; N adds N-1 correct/re-truncate stages")
+    grad_samples: int | None = setting(None, GRAD_SAMPLES_HELP)
+    grad_batch_size: int = setting(4, GRAD_BATCH_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,11 +197,14 @@ class IOSVDConfig(ZeroSumConfig):
 
     name: ClassVar[str] = "io-svd"
     needs_output_stats: ClassVar[bool] = True
-    top_k: int = 5
-    kl_mode: str = "sample"
-    score: str = "second"
-    seed: int = 0
-    remap: str | None = None
+    top_k: int = setting(5, "next tokens kept by the KL output metric")
+    kl_mode: str = setting("sample", "exact: K backward passes per batch; sample: one",
+                           KL_MODES)
+    score: str = setting("second", "component score: first-order loss change, second-order "
+                                   "KL increase, or their sum", SCORES)
+    seed: int = setting(0, "seed of the KL draws", flag=False)  # --seed is the calibration's
+    remap: str | None = setting(None, "store some factor rows in int8; --ratio is then the "
+                                      "byte reduction of the target layers", REMAPS)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,6 +28,7 @@ from ..calibration import distributed
 from ..calibration.blocks import run_block
 from ..calibration.data import Calibration, as_calibration
 from ..errors import ConfigError
+from ..methods import setting
 from ..nn.modules import LowRankLinear
 from .engine import BlockRun, UpdateReport, save_block
 from .workfolder import load_tensors, save_tensors
@@ -47,8 +48,11 @@ class RefitConfig:
     """
 
     name: ClassVar[str] = "refit"
-    damping: float = 1e-6
-    target: str = "compressed"
+    damping: float = setting(1e-6, "ridge λ, relative to the mean diagonal of the rank-space "
+                                   "second moment")
+    target: str = setting("compressed", "fit the original layer applied to the compressed "
+                                        "model's inputs, or its outputs in the original model",
+                          ("compressed", "original"))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.damping < 1.0:
@@ -76,12 +80,12 @@ class LoRAUpdateConfig:
     """
 
     name: ClassVar[str] = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 20
-    batch_size: int = 4
-    lr: float = 3e-4
-    seed: int = 0
+    rank: int = setting(8, "LoRA rank")
+    alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / rank)")
+    steps: int = setting(20, "optimizer steps per LoRA stage")
+    batch_size: int = setting(4, "calibration samples per LoRA step")
+    lr: float = setting(3e-4, "LoRA learning rate")
+    seed: int = setting(0, "seed of the LoRA initialization and of the batch draws")
 
     def __post_init__(self) -> None:
         for key in ("rank", "steps", "batch_size"):
