@@ -228,3 +228,24 @@ def test_headless_chromium_renders_the_page(full_report, tmp_path):
     # the plots' first colour (matplotlib's C0, #1f77b4) is on screen: the PNGs were painted
     c0 = np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=2) < 0.03
     assert c0.sum() > 2000
+
+
+def test_run_record_is_the_one_contract_between_compress_and_report():
+    """compress writes a RunRecord's JSON; report reads it back through the same type. A
+    record of an older rankcut (fewer fields) still reads, and a file that is no run
+    record says what it lacks."""
+    from dataclasses import fields
+
+    from rankcut.io.records import RunRecord
+
+    record = RunRecord(method="io-svd", target_ratio=0.2, perplexity=41.5, model="smollm2",
+                       update={"name": "refit", "target": "compressed"}, processes=2)
+    data = json.loads(json.dumps(record.to_json()))
+    assert set(data) == {f.name for f in fields(RunRecord)}
+    assert RunRecord.from_json(data) == record and record.label == "io-svd+refit"
+    old = RunRecord.from_json({"method": "svd-llm", "target_ratio": 0.4, "perplexity": 479.9,
+                               "an_old_key": 1, "compress_seconds": "n/a"})
+    assert (old.label, old.achieved_ratio, old.compress_seconds) == ("svd-llm", None, None)
+    with pytest.raises(ValueError, match="missing \\['perplexity'\\]"):
+        RunRecord.from_json({"method": "svd", "target_ratio": 0.2})
+    assert not RunRecord.matches([1, 2]) and not RunRecord.matches({"rows": []})

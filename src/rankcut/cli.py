@@ -18,6 +18,7 @@ from typing import Any
 from .errors import RankcutError
 from .io.atomic import write_json
 from .io.checkpoint import BENCH_FILE, RUN_FILE
+from .io.records import RunRecord
 from .models import block_number, module_type, text_tokenizer
 
 logger = logging.getLogger("rankcut")
@@ -550,27 +551,25 @@ def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kep
     from .calibration import distributed
 
     write_json(out / "rank_map.json", report.rank_map)
-    figures = {
-        "model": args.model or models.DEFAULT_MODEL, "method": config.name,
-        "settings": config.settings(), "output": str(out),
-        "target_ratio": config.ratio, "achieved_ratio": report.achieved_ratio,
-        "achieved_byte_ratio": report.achieved_byte_ratio,
-        "target_params_dense": report.dense_params, "target_params_kept": report.kept_params,
-        "model_bytes_dense": dense_bytes, "model_bytes": kept_bytes,
-        "streamed": bool(args.stream),
-        "dense_perplexity": dense_ppl, "perplexity": ppl,
-        "dense_caption_perplexity": captions[0], "caption_perplexity": captions[1],
-        "stage_losses": report.stage_losses,
-        "update": report.update.settings if report.update else None,
-        "update_log": report.update.log if report.update else [],
-        "compress_seconds": report.seconds, "wall_seconds": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss_mb(), "device": device, "dtype": args.dtype,
-        "peak_gpu_mb": peak_gpu_mb(), "processes": distributed.world()[1],
-    }
+    record = RunRecord(
+        model=args.model or models.DEFAULT_MODEL, method=config.name,
+        settings=config.settings(), output=str(out),
+        target_ratio=config.ratio, achieved_ratio=report.achieved_ratio,
+        achieved_byte_ratio=report.achieved_byte_ratio,
+        target_params_dense=report.dense_params, target_params_kept=report.kept_params,
+        model_bytes_dense=dense_bytes, model_bytes=kept_bytes, streamed=bool(args.stream),
+        dense_perplexity=dense_ppl, perplexity=ppl,
+        dense_caption_perplexity=captions[0], caption_perplexity=captions[1],
+        stage_losses=report.stage_losses,
+        update=report.update.settings if report.update else None,
+        update_log=report.update.log if report.update else [],
+        compress_seconds=report.seconds, wall_seconds=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(), device=device, dtype=args.dtype,
+        peak_gpu_mb=peak_gpu_mb(), processes=distributed.world()[1])
     _print_module_summary(report)
-    _print_closing_table(figures)
-    _write_json(out / RUN_FILE, figures)
-    _write_json(args.json, figures)
+    _print_closing_table(record)
+    _write_json(out / RUN_FILE, record.to_json())
+    _write_json(args.json, record.to_json())
     distributed.barrier()
 
 
@@ -862,28 +861,28 @@ def _print_module_summary(report) -> None:
         print(f"{kind:<14}{len(mods):>6}{len(mods) - len(ranks):>7}{mean_rank:>11}{rel:>15.4f}")
 
 
-def _print_closing_table(f: dict) -> None:
+def _print_closing_table(r: RunRecord) -> None:
     def fmt(value) -> str:
         if value is None:
             return "-"
         return f"{value:,.4f}" if isinstance(value, float) else f"{value:,}"
 
     rows = [
-        ("perplexity", f["dense_perplexity"], f["perplexity"]),
-        *([("caption perplexity", f["dense_caption_perplexity"], f["caption_perplexity"])]
-          if f.get("caption_perplexity") is not None else []),
-        ("target-layer params", f["target_params_dense"], f["target_params_kept"]),
-        ("model bytes", f["model_bytes_dense"], f["model_bytes"]),
-        ("ratio (target / achieved)", f["target_ratio"], f["achieved_ratio"]),
-        ("16-bit byte ratio achieved", None, f["achieved_byte_ratio"]),
+        ("perplexity", r.dense_perplexity, r.perplexity),
+        *([("caption perplexity", r.dense_caption_perplexity, r.caption_perplexity)]
+          if r.caption_perplexity is not None else []),
+        ("target-layer params", r.target_params_dense, r.target_params_kept),
+        ("model bytes", r.model_bytes_dense, r.model_bytes),
+        ("ratio (target / achieved)", r.target_ratio, r.achieved_ratio),
+        ("16-bit byte ratio achieved", None, r.achieved_byte_ratio),
     ]
-    print(f"\n{f['method']} on {f['model']} -> {f['output']}")
+    print(f"\n{r.method} on {r.model} -> {r.output}")
     print(f"{'':<28}{'dense':>16}{'compressed':>16}")
     for label, dense, compressed in rows:
         print(f"{label:<28}{fmt(dense):>16}{fmt(compressed):>16}")
-    gpu = f" peak GPU {f['peak_gpu_mb']:.0f} MiB," if f.get("peak_gpu_mb") is not None else ""
-    print(f"compression {f['compress_seconds']:.1f} s on {f['device']} ({f['dtype']}), "
-          f"wall {f['wall_seconds']:.1f} s,{gpu} peak RSS {f['peak_rss_mb']:.0f} MiB")
+    gpu = f" peak GPU {r.peak_gpu_mb:.0f} MiB," if r.peak_gpu_mb is not None else ""
+    print(f"compression {r.compress_seconds:.1f} s on {r.device} ({r.dtype}), "
+          f"wall {r.wall_seconds:.1f} s,{gpu} peak RSS {r.peak_rss_mb:.0f} MiB")
 
 
 def _print_table(figures: dict) -> None:

@@ -32,6 +32,7 @@ from ._version import __version__
 from .errors import ReportError
 from .io.checkpoint import BENCH_FILE, RUN_FILE
 from .io.outputs import OUTPUT_MARKER
+from .io.records import RunRecord
 from .models import block_number, module_type
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class CheckpointRecord:
     target_ratio: float | None
     achieved_ratio: float | None
     achieved_byte_ratio: float | None
-    run: dict
+    run: RunRecord | None
     modules: list[ModuleRank]
     stored_bytes: dict[str, int]
     speed: list[SpeedRow]
@@ -143,8 +144,12 @@ class CheckpointRecord:
     def quality_point(self) -> QualityPoint:
         """Returns the checkpoint's perplexity point (perplexity None without a run file)."""
         return QualityPoint(self.method, self.target_ratio, self.achieved_ratio,
-                            _number(self.run.get("perplexity")),
-                            _number(self.run.get("compress_seconds")), self.label)
+                            self.figure("perplexity"), self.figure("compress_seconds"),
+                            self.label)
+
+    def figure(self, name: str) -> float | None:
+        """A number of the checkpoint's run record (None without one, or when not a number)."""
+        return _number(getattr(self.run, name)) if self.run is not None else None
 
 
 @dataclass
@@ -221,7 +226,7 @@ def json_kind(data: Any) -> str | None:
     if isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("method"), str)
                                       and "perplexity" in r for r in rows):
         return "quality"
-    if isinstance(data.get("method"), str) and "perplexity" in data and "target_ratio" in data:
+    if RunRecord.matches(data):
         return "run"
     return None
 
@@ -242,13 +247,11 @@ def quality_points(data: dict, source: str) -> tuple[list[QualityPoint], list[tu
     return points, dense
 
 
-def run_point(data: dict, source: str) -> tuple[list[QualityPoint], list[tuple[str, float]]]:
-    """Returns the point and the dense perplexity (when measured) of a ``rankcut_run.json``."""
-    method = _method_label(data["method"], data.get("update"))
-    point = QualityPoint(method, _number(data.get("target_ratio")),
-                         _number(data.get("achieved_ratio")), _number(data.get("perplexity")),
-                         _number(data.get("compress_seconds")), source)
-    dense = _number(data.get("dense_perplexity"))
+def run_point(run: RunRecord, source: str) -> tuple[list[QualityPoint], list[tuple[str, float]]]:
+    """Returns the point and the dense perplexity (when measured) of a run record."""
+    point = QualityPoint(run.label, _number(run.target_ratio), _number(run.achieved_ratio),
+                         _number(run.perplexity), _number(run.compress_seconds), source)
+    dense = _number(run.dense_perplexity)
     return [point], [(source, dense)] if dense is not None else []
 
 
@@ -324,7 +327,8 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
                           f"config.json")
     entry = validate_checkpoint(path)
     label = label or path.name
-    run = load_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
+    figures = load_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
+    run = RunRecord.from_json(figures) if RunRecord.matches(figures) else None
     shapes = {name: shape for name, (_, shape) in tensor_specs(path).items()}
     modules = [ModuleRank(name, module_type(name), block_number(name), rank,
                           full_rank(name, shapes))
@@ -339,7 +343,7 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
         target_ratio=_number(entry.get("target_ratio")),
         achieved_ratio=_number(entry.get("achieved_ratio")),
         achieved_byte_ratio=_number(entry.get("achieved_byte_ratio")),
-        run=run if isinstance(run, dict) else {}, modules=modules,
+        run=run, modules=modules,
         stored_bytes=bytes_by_dtype(path), speed=speed)
 
 
@@ -362,7 +366,7 @@ def read_json_input(path: Path, data: ReportData) -> InputRecord:
         return InputRecord(str(path), "quality benchmark JSON",
                            f"{len(points)} compressed rows, {len(dense)} dense")
     if kind == "run":
-        points, dense = run_point(content, source)
+        points, dense = run_point(RunRecord.from_json(content), source)
         data.quality += points
         data.dense += dense
         return InputRecord(str(path), "compress figures JSON", f"method {points[0].method}")
@@ -412,7 +416,7 @@ def gather(paths: Sequence[str | Path]) -> ReportData:
             point = ckpt.quality_point()
             if point.perplexity is not None:
                 data.quality.append(point)
-            dense = _number(ckpt.run.get("dense_perplexity"))
+            dense = ckpt.figure("dense_perplexity")
             if dense is not None:
                 data.dense.append((ckpt.label, dense))
             record = InputRecord(str(path), "rankcut checkpoint",
@@ -684,9 +688,9 @@ def checkpoints_html(data: ReportData) -> str:
         return _note("No rankcut checkpoint folder among the inputs.")
     rows = [(c.label, c.method, _settings_text(c.settings),
              _fmt(c.target_ratio, 4), _fmt(c.achieved_ratio, 4),
-             _fmt(c.achieved_byte_ratio, 4), _fmt(_number(c.run.get("perplexity"))),
-             _fmt(_number(c.run.get("dense_perplexity"))),
-             _fmt(_number(c.run.get("compress_seconds")), 1),
+             _fmt(c.achieved_byte_ratio, 4), _fmt(c.figure("perplexity")),
+             _fmt(c.figure("dense_perplexity")),
+             _fmt(c.figure("compress_seconds"), 1),
              _fmt(sum(c.stored_bytes.values())), str(c.path)) for c in data.checkpoints]
     return _table(["checkpoint", "method", "settings", "target ratio", "achieved ratio",
                    "achieved byte ratio", "perplexity", "dense perplexity", "compress s",
