@@ -166,6 +166,17 @@ def test_a_vision_module_without_image_samples_is_a_clear_error():
                           include=["model.vision_tower.encoder.layers.*"], batch_size=3)
 
 
+def test_stages_with_a_target_before_the_blocks_are_refused_before_any_work():
+    """The correction stages re-cut the blocks' layers and the LM head, not the vision
+    side; both executors share the check, which runs before any statistics."""
+    config = methods.make_config("zero-sum", ratio=0.3, stages=2)
+    with pytest.raises(ConfigError, match=r"\(--stages > 1\) re-cut the layers of the decoder "
+                                          r"blocks and the LM head, and "
+                                          r"model.multi_modal_projector.linear_1 comes before"):
+        pipeline.compress(tiny_vlm("llava"), config, image_calibration("llava"),
+                          include=PROJECTOR)
+
+
 def test_refit_runs_on_images_and_lora_refuses_them():
     calib = image_calibration("llava")
     model = tiny_vlm("llava")

@@ -138,10 +138,10 @@ def test_unknown_rule():
 # --- end to end on a tiny model --------------------------------------------------------------
 
 
-def _zero_sum(calib_ids, **settings):
+def _zero_sum(calib_ids, include=None, rank_map=None, **settings):
     model = tiny_model()
     config = rankcut.make_config("zero-sum", ratio=settings.pop("ratio", 0.4), **settings)
-    return model, rankcut.compress(model, config, calib_ids)
+    return model, rankcut.compress(model, config, calib_ids, include=include, rank_map=rank_map)
 
 
 def test_zero_sum_gives_heterogeneous_ranks_and_meets_budget(calib_ids):
@@ -170,6 +170,20 @@ def test_correction_stages_lower_the_calibration_loss(caplog):
         assert f"calibration loss after stage {stage}" in caplog.text
     # the final reported loss is the model's real calibration loss
     assert three.stage_losses[-1] == pytest.approx(calibration_loss(model, ids), abs=1e-5)
+
+
+def test_correction_stages_correct_the_lm_head_too():
+    """With the LM head a target, the stages re-cut it with the blocks: the head's factors
+    change, and the last reported loss is still the model's real calibration loss."""
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(2))
+    include = ["model.layers.*", "lm_head"]
+    ranks = {**_zero_sum(ids, ratio=0.6, include=include)[1].rank_map, "lm_head": 8}
+    one_model, one = _zero_sum(ids, ratio=0.6, include=include, rank_map=ranks)
+    model, two = _zero_sum(ids, ratio=0.6, stages=2, include=include, rank_map=ranks)
+    assert two.rank_map == one.rank_map == ranks  # the global selection keeps the head dense
+    assert len(two.stage_losses) == 2 and two.stage_losses[1] < two.stage_losses[0]
+    assert not torch.equal(model.lm_head.weight_u, one_model.lm_head.weight_u)
+    assert two.stage_losses[-1] == pytest.approx(calibration_loss(model, ids), abs=1e-5)
 
 
 def test_stage_that_raises_the_loss_is_rejected(calib_ids, monkeypatch, caplog):

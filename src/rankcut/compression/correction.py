@@ -15,6 +15,7 @@ starts over.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import asdict
@@ -24,17 +25,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import distributed
-from ..calibration.data import as_calibration
 from ..core import linalg
 from ..nn.modules import LowRankLinear
 from .engine import (
     BlockRun,
     ModuleResult,
     factorize,
-    head_logits,
+    load_outside,
     load_whitening,
-    sample_loss,
     save_block,
+    save_outside,
 )
 from .workfolder import load_tensors, save_tensors
 
@@ -56,6 +56,7 @@ def correct(run: BlockRun, ranks: dict, plans: dict) -> list[float]:
     """
     work, config = run.work, run.config
     run.compressed, run.seeds, run.weight_grads = True, 0, True
+    _keep_head_modules(run)
     _finish_accepted_moves(run)
     losses = list(work.progress.get("stage_losses", []))
     stage = max(2, work.done("stage") + 1)
@@ -79,13 +80,34 @@ def correct(run: BlockRun, ranks: dict, plans: dict) -> list[float]:
     work.drop("acts")
     for index in range(len(run.sm.blocks)):  # the model holds the kept blocks
         run.sm.release(run.block(index))
+    with run.sm.parts(run.sm.outside(skip_head=False)):  # and the kept head modules
+        for name in _head_modules(run):
+            load_outside(work, "outside", run.sm, name)
     return losses
+
+
+def _head_modules(run: BlockRun) -> list[str]:
+    """The factorized targets after the blocks (the LM head)."""
+    return [name for name in run.post
+            if isinstance(run.sm.model.get_submodule(name), LowRankLinear)]
+
+
+def _keep_head_modules(run: BlockRun) -> None:
+    """Writes the factorized head modules to outside/ when the executor has not (in
+    memory): the stages read them from there and write their re-cuts beside them."""
+    names = [name for name in _head_modules(run)
+             if not run.work.file("outside", name).exists()]
+    if names:
+        with run.sm.parts(run.sm.outside(skip_head=False)):
+            for name in names:
+                save_outside(run.work, "outside", run.sm, name)
 
 
 def _finish_accepted_moves(run: BlockRun) -> None:
     """Moves the committed stage's candidate blocks over the current ones (a run killed
     between the commit and the moves finishes them) and drops any other candidates."""
     work = run.work
+    work.move_files(f"candidates/{work.done('stage')}/outside", "outside")
     work.move_files(f"candidates/{work.done('stage')}", "blocks")
     work.drop("candidates")
 
@@ -130,7 +152,13 @@ def _gradient_steps(run: BlockRun) -> float:
         block = run.block(index)
         run.forward(block, index, run.grad_batches)
         sm.release(block)
-    before = _head(run, vectors=True)
+    dense: dict[str, nn.Linear] = {}
+    before, grads = run.head_pass(True, functools.partial(_dense_head, run, dense))
+    with torch.no_grad():
+        for name in distributed.mine(list(grads)):
+            save_tensors(work.file("steps", name),
+                         {"step": _projected_step(work, name, dense[name], grads[name])})
+    del dense
     for index in tqdm(range(blocks - 1, -1, -1), desc="correction backward", unit="block"):
         block = run.block(index)
         low_rank = _factorized(run, index)
@@ -151,6 +179,51 @@ def _gradient_steps(run: BlockRun) -> float:
         sm.release(block)
     work.drop("grads", 0)
     return before
+
+
+@contextlib.contextmanager
+def _dense_head(run: BlockRun, dense: dict[str, nn.Linear]):
+    """With the head loaded: swaps its factorized modules (as kept in outside/) for dense
+    copies (also put into ``dense``), yields them for their gradients, and puts the
+    factorized ones back."""
+    sm = run.sm
+    low_rank = {}
+    for name in _head_modules(run):
+        load_outside(run.work, "outside", sm, name)
+        low_rank[name] = sm.model.get_submodule(name)
+    dense.update({name: module.to_dense() for name, module in low_rank.items()})
+    for name, layer in dense.items():
+        sm.model.set_submodule(name, layer)
+    try:
+        yield dense
+    finally:
+        for name, module in low_rank.items():
+            sm.model.set_submodule(name, module)
+
+
+@contextlib.contextmanager
+def _recut_head(run: BlockRun, stage: int, scale: float, ranks: dict, plans: dict,
+                results: dict):
+    """With the head loaded: re-cuts its factorized modules at W + scale·step (their
+    results go into ``results``), writes them to candidates/<stage>/outside/ and yields
+    (no gradients wanted); on exit puts the kept modules back."""
+    sm, work = run.sm, run.work
+    low_rank = {}
+    for name in _head_modules(run):
+        load_outside(work, "outside", sm, name)
+        low_rank[name] = sm.model.get_submodule(name)
+    dense = {name: module.to_dense() for name, module in low_rank.items()}
+    decompose = functools.partial(_corrected, work, dense, set(distributed.mine(list(dense))),
+                                  scale)
+    with torch.no_grad():
+        results.update(factorize(sm.model, dense, ranks, decompose, plans, log=False))
+    for name in dense:
+        save_outside(work, f"candidates/{stage}/outside", sm, name)
+    try:
+        yield {}
+    finally:
+        for name, module in low_rank.items():
+            sm.model.set_submodule(name, module)
 
 
 def _projected_step(work, name: str, dense: nn.Linear, grad: torch.Tensor) -> torch.Tensor:
@@ -179,7 +252,9 @@ def _trial(run: BlockRun, stage: int, scale: float, ranks: dict, plans: dict
             work.drop("acts", index)
         save_block(work, f"candidates/{stage}", sm, index, ranks)
         sm.release(block)
-    return _head(run, vectors=False), results
+    after, _ = run.head_pass(False, functools.partial(_recut_head, run, stage, scale, ranks,
+                                                      plans, results))
+    return after, results
 
 
 def _corrected(work, dense: dict[str, nn.Linear], owned: set[str], scale: float, name: str
@@ -191,34 +266,3 @@ def _corrected(work, dense: dict[str, nn.Linear], owned: set[str], scale: float,
     step = load_tensors(work.file("steps", name))["step"].to(torch.float64)
     corrected = dense[name].weight.detach().to(torch.float64) + scale * step
     return linalg.decompose(corrected, *load_whitening(work, name))
-
-
-def _head(run: BlockRun, vectors: bool) -> float:
-    """The mean calibration loss over the gradient batches at the last block's output;
-    with ``vectors`` also writes each batch's loss gradient there (grads/<top>/<b>)."""
-    sm, work = run.sm, run.work
-    top = len(sm.blocks)
-    total, count = 0.0, 0
-    with sm.parts(sm.outside(skip_head=False)):
-        for b in range(run.grad_batches):
-            batch = as_calibration(run.batches[b])
-            targets = batch.targets.to(sm.device)
-            if vectors:
-                loss, found = run.head_batch(run.acts(top, b), targets, None)
-                save_tensors(work.file("grads", top, b), found)
-            else:
-                loss = _loss(run, run.acts(top, b), targets)
-            total += loss
-            count += batch.predicted
-    work.drop("acts", top)
-    total, count = distributed.sum_numbers(total, count)
-    if vectors:
-        work.progress["loss_tokens"] = count
-    return total / max(count, 1)
-
-
-def _loss(run: BlockRun, hidden: torch.Tensor, targets: torch.Tensor) -> float:
-    """The summed next-token loss of one batch (one sample at a time), without gradients."""
-    with torch.no_grad():
-        return sum(sample_loss(head_logits(run.sm, hidden[i:i + 1])[:, :-1], targets[i]).item()
-                   for i in range(hidden.shape[0]))

@@ -191,10 +191,12 @@ def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
                           f"unknown {extra})")
     prefix = find_decoder_blocks(model)[0]
     outside = [name for name in targets if block_index(name, prefix) is None]
-    if getattr(config, "stages", 1) > 1 and outside:
-        raise ConfigError(f"correction stages (--stages > 1) re-cut the decoder blocks' layers "
-                          f"only, and {outside[0]} is outside them: use --stages 1, or leave it "
-                          "out (--exclude)")
+    head = model.get_output_embeddings()
+    before = [name for name in outside if targets[name] is not head]
+    if getattr(config, "stages", 1) > 1 and before:
+        raise ConfigError(f"correction stages (--stages > 1) re-cut the layers of the decoder "
+                          f"blocks and the LM head, and {before[0]} comes before the blocks: "
+                          "use --stages 1, or leave it out (--exclude)")
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in targets.items()}
     if rank_map is not None:
         _check_rank_map_fits(rank_map, shapes)
@@ -375,6 +377,24 @@ def load_block(work: WorkFolder, kind: str, sm: Executor, index: int) -> nn.Modu
         if isinstance(module, LowRankLinear):
             module.use_fast_layout_()
     return block
+
+
+def save_outside(work: WorkFolder, kind: str, sm: Executor, name: str) -> None:
+    """Writes compressed module ``name`` outside the blocks (loaded) to the work file
+    ``<kind>/<name>``, with its marker (what ``StreamedModel.keep_outside`` writes)."""
+    module = sm.model.get_submodule(name)
+    save_tensors(work.file(kind, name), add_markers(dict(module.state_dict(prefix=name + ".")),
+                                                    [name]))
+
+
+def load_outside(work: WorkFolder, kind: str, sm: Executor, name: str) -> None:
+    """Loads module ``name`` outside the blocks from the work file :func:`save_outside`
+    wrote (same layout). Side effect: the module's parameters become the loaded tensors."""
+    module = sm.model.get_submodule(name)
+    stored = load_tensors(work.file(kind, name), sm.device)
+    module.load_state_dict({key[len(name) + 1:]: value for key, value in stored.items()
+                            if key != marker_key(name)}, assign=True)
+    module.use_fast_layout_()
 
 
 class ResidentModel:
@@ -944,6 +964,52 @@ class BlockRun:
             _reached(post.hooks.stats)
         outputs, grads = post.sums.reduce(tokens, self.weight_grads)
         self._store_all(self.post, post.hooks.stats, outputs, grads)
+
+    def head_pass(self, vectors: bool,
+                  around: Callable[[], contextlib.AbstractContextManager] | None = None
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
+        """The mean calibration loss of the gradient batches at the last block's outputs,
+        the head loaded (no KL seeds: the correction stages' pass).
+
+        Args:
+            vectors: also write each batch's loss gradient there (grads/<top>/<b>).
+            around: a context entered once the head is loaded; it yields {name: dense
+                layer} inside the head whose ∂L/∂W is wanted (with ``vectors``), and may
+                change the head's modules (and put them back on exit).
+
+        Returns:
+            (the mean loss, {name: ∂L/∂W of the layers ``around`` yielded}).
+        """
+        sm, work = self.sm, self.work
+        top = len(sm.blocks)
+        total, count = 0.0, 0
+        with sm.parts(sm.outside(skip_head=False)), \
+                (around() if around else contextlib.nullcontext({})) as layers, \
+                InputMomentHooks({}) as hooks, _KeptOutputs(layers) as kept:
+            post = _HeadTargets(layers, hooks, kept, _LayerSums(layers, 0, False))
+            for layer in layers.values():
+                layer.weight.requires_grad_(True)
+            for b in range(self.grad_batches):
+                batch = as_calibration(self.batches[b])
+                targets, hidden = batch.targets.to(sm.device), self.acts(top, b)
+                if vectors:
+                    loss, found = self.head_batch(hidden, targets, None, post)
+                    save_tensors(work.file("grads", top, b), found)
+                else:
+                    with torch.no_grad():
+                        loss = sum(sample_loss(head_logits(sm, hidden[i:i + 1])[:, :-1],
+                                               targets[i]).item()
+                                   for i in range(hidden.shape[0]))
+                total += loss
+                count += batch.predicted
+            for layer in layers.values():
+                layer.weight.requires_grad_(False)
+            total, count = distributed.sum_numbers(total, count)
+            grads = post.sums.reduce(count, True)[1] if layers else {}
+        work.drop("acts", top)
+        if vectors:
+            work.progress["loss_tokens"] = count
+        return total / max(count, 1), grads
 
     def head_batch(self, hidden: torch.Tensor, targets: torch.Tensor, draws,
                    post: _HeadTargets | None = None) -> tuple[float, dict[str, torch.Tensor]]:
