@@ -231,18 +231,32 @@ def test_streamed_image_calibration_equals_in_memory(tmp_path, layout, method, i
 
 @pytest.mark.slow
 def test_cli_stream_with_image_calibration(tmp_path):
-    """`compress --stream --calib-images` on the LLaVA-layout test VLM: the processor comes
-    from the model folder and is saved with the output, only tower modules are ranked."""
+    """`compress --stream --calib-images --eval-images` on the LLaVA-layout test VLM: the
+    processor comes from the model folder and is saved with the output, only tower modules
+    are ranked, and the caption perplexity is measured block by block."""
     import json
+    import shutil
 
     from transformers import AutoProcessor
 
+    from rankcut.calibration import image_data
+    from rankcut.measure.evaluation import caption_perplexity
     from rankcut.offline import vlm_assets
 
+    captions = tmp_path / "captions"  # three captioned photos keep the evaluation short
+    captions.mkdir()
+    lines = []
+    for record in image_data.image_text_source("captions")[:3]:
+        shutil.copy(record["image"], captions / record["image"].name)
+        lines.append(json.dumps({**record, "image": record["image"].name}) + "\n")
+    (captions / "captions.jsonl").write_text("".join(lines))
     out = tmp_path / "out"
     assert main(["compress", "--model", "smollm2-llava", "--stream", "--method", "svd-llm",
                  "--ratio", "0.3", "--num-samples", "2", "--seqlen", "128", "--image-samples",
-                 "1", "--calib-images", "captions", "--no-eval", "--output", str(out)]) == 0
+                 "1", "--calib-images", "captions", "--eval-images", str(captions),
+                 "--eval-seqlen", "128", "--max-windows", "1", "--output", str(out),
+                 "--json", str(tmp_path / "run.json")]) == 0
+    figures = json.loads((tmp_path / "run.json").read_text())
     ranks = json.loads((out / "rank_map.json").read_text())
     tower = models.language_tower(tiny_vlm("llava"))[0]
     assert ranks and all(name.startswith(f"{tower}.layers.") for name in ranks)
@@ -252,6 +266,14 @@ def test_cli_stream_with_image_calibration(tmp_path):
         (source / "config.json").read_text())["model_type"]
     reloaded = checkpoint.from_pretrained(out)
     assert any(isinstance(m, rankcut_low_rank()) for m in reloaded.modules())
+    # the streamed caption perplexity (one block at a time) is the in-memory one: the same
+    # sums in another grouping, so float32 rounding only (1e-5 relative leaves ~10x)
+    records = image_data.image_text_source(str(captions))
+    assert len(records) == 3
+    processor = AutoProcessor.from_pretrained(out)
+    assert figures["caption_perplexity"] == pytest.approx(
+        caption_perplexity(reloaded.eval(), processor, records).perplexity, rel=1e-5)
+    assert figures["dense_caption_perplexity"] < figures["caption_perplexity"]
 
 
 def rankcut_low_rank():
@@ -269,7 +291,7 @@ def test_image_options_need_a_vision_language_model(model_dir, tmp_path, capsys)
     assert main([*common, "--stream", "--calib-images", "captions", "--no-eval"]) == 2
     assert "--calib-images needs a vision-language model" in capsys.readouterr().err
     assert main([*common, "--stream", "--eval-images", "captions", "--eval-seqlen", "64"]) == 2
-    assert "--eval-images is not supported with --stream" in capsys.readouterr().err
+    assert "--eval-images needs a vision-language model" in capsys.readouterr().err
     assert main(["eval", str(model_dir), "--eval-images", "captions", "--seqlen", "64"]) == 2
     assert "--eval-images needs a vision-language model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

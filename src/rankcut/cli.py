@@ -410,22 +410,18 @@ def _compress_locked(args: argparse.Namespace, device: str, dtype, config, updat
 
     rank = distributed.world()[0]
     start = time.perf_counter()
-    if args.stream and args.eval_images:
-        raise update.ConfigError("--eval-images is not supported with --stream (the caption "
-                                 "perplexity runs the whole model); evaluate the output with "
-                                 "`rankcut eval --eval-images` afterwards")
     if args.stream:
         if update_config is not None and update_config.name == "lora":
             raise update.ConfigError(
                 "--update lora is not supported with --stream: it trains the whole model at "
                 "once; use --update refit (block by block), or drop --stream where the model "
                 "fits in memory")
-        out, report, dense_ppl, ppl, dense_bytes, kept_bytes = _compress_streamed(
+        out, report, dense_ppl, ppl, dense_bytes, kept_bytes, captions = _compress_streamed(
             args, config, rank_map, device, dtype, update_config)
         if rank > 0:  # process 0 evaluates and writes; the others wait for it
             return distributed.barrier()
         return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
-                                kept_bytes, start, device)
+                                kept_bytes, start, device, captions)
     model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
     checkpoint.check_saveable(model)  # before the calibration, not after it
     _check_lengths(_compress_lengths(args, config), model.config)
@@ -525,13 +521,21 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     rank = distributed.world()[0]
     eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
 
+    records = None if args.no_eval or rank > 0 else _caption_records(args)
+
     def perplexity(path):
         if eval_ids is None:
             return None
         return streaming.streamed_perplexity(path, eval_ids, args.eval_seqlen,
                                              args.max_windows, dtype, device).perplexity
 
-    dense_ppl = perplexity(folder)
+    def caption_perplexity(path):
+        if records is None:
+            return None
+        return streaming.streamed_caption_perplexity(path, tokenizer, records, dtype,
+                                                     device).perplexity
+
+    dense_ppl, dense_captions = perplexity(folder), caption_perplexity(folder)
     report = streaming.compress_streaming(folder, args.output, config, calib, tokenizer,
                                           args.include, args.exclude, args.batch_size, dtype,
                                           device, rank_map, update_config)
@@ -539,9 +543,10 @@ def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype
     dense_bytes = sum(math.prod(shape) * itemsize
                       for _, shape in checkpoint.tensor_specs(folder).values())
     if rank > 0:
-        return Path(args.output), report, None, None, None, None
+        return Path(args.output), report, None, None, None, None, (None, None)
     kept_bytes = sum(checkpoint.bytes_by_dtype(args.output).values())
-    return Path(args.output), report, dense_ppl, perplexity(args.output), dense_bytes, kept_bytes
+    return (Path(args.output), report, dense_ppl, perplexity(args.output), dense_bytes,
+            kept_bytes, (dense_captions, caption_perplexity(args.output)))
 
 
 def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kept_bytes,

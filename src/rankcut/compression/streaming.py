@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..calibration import distributed
-from ..calibration.data import Calibration, as_calibration
-from ..errors import ConfigError, ModelLoadError
+from ..calibration.data import IGNORE, Calibration, as_calibration
+from ..errors import CalibrationError, ConfigError, ModelLoadError
 from ..io.checkpoint import (
     add_markers,
     record_shard_digests,
@@ -477,6 +477,43 @@ def streamed_perplexity(folder: str | Path, token_ids: torch.Tensor, seqlen: int
             nll = [_window_nll(sm, run.acts(len(sm.blocks), b), ids.to(sm.device))
                    for b, ids in enumerate(run.batches)]
     return summarize(nll, seqlen - 1)
+
+
+def streamed_caption_perplexity(folder: str | Path, processor, records: list[dict],
+                                dtype: torch.dtype = torch.float32,
+                                device: str | torch.device = "cpu") -> PerplexityResult:
+    """``evaluation.caption_perplexity`` of the vision-language model in ``folder``, dense or
+    a rankcut checkpoint, loading one decoder block at a time (the vision side with the
+    embeddings, while the first block's inputs are captured).
+
+    Side effects: activations go to a temporary folder, deleted at the end.
+
+    Raises:
+        CalibrationError: no record has any text, or an image cannot be read.
+    """
+    from ..calibration.image_data import encode_image_text
+
+    samples = [sample for sample in (encode_image_text(processor, record).as_calibration()
+                                     for record in records) if sample.predicted]
+    if not samples:
+        raise CalibrationError("no image-text record has any text to score")
+    sm = StreamedModel(folder, dtype, device)
+    top = len(sm.blocks)
+    with tempfile.TemporaryDirectory(prefix="rankcut-ppl-") as tmp:
+        work = WorkFolder(Path(tmp) / "ppl", "caption perplexity")
+        run = BlockRun(sm, work, None, {}, samples)
+        run.kwargs()
+        for index in tqdm(range(top), desc="caption perplexity (streamed)", unit="block"):
+            block = sm.block(index)
+            run.forward(block, index)
+            work.drop("acts", index)
+            sm.release(block)
+        with sm.parts(sm.outside(skip_head=False)), torch.no_grad():
+            nll = [float(F.cross_entropy(head_logits(sm, run.acts(top, b))[0, :-1].float(),
+                                         sample.targets[0].to(sm.device), ignore_index=IGNORE,
+                                         reduction="sum"))
+                   for b, sample in enumerate(samples)]
+    return summarize(nll, tokens=sum(sample.predicted for sample in samples))
 
 
 #: Positions of a window whose logits the streamed evaluation computes at once.
