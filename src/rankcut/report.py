@@ -32,7 +32,7 @@ from ._version import __version__
 from .errors import ReportError
 from .io.checkpoint import BENCH_FILE, RUN_FILE
 from .io.outputs import OUTPUT_MARKER
-from .io.records import RunRecord
+from .io.records import RunRecord, number
 from .models import block_number, module_type
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ class CheckpointRecord:
 
     def figure(self, name: str) -> float | None:
         """A number of the checkpoint's run record (None without one, or when not a number)."""
-        return _number(getattr(self.run, name)) if self.run is not None else None
+        return number(getattr(self.run, name)) if self.run is not None else None
 
 
 @dataclass
@@ -178,13 +178,6 @@ class ReportData:
 
 
 # --------------------------------------------------------------------------- readers
-
-
-def _number(value: Any) -> float | None:
-    """Returns ``value`` as a finite float, or None (missing, not a number, NaN, inf)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -236,22 +229,22 @@ def quality_points(data: dict, source: str) -> tuple[list[QualityPoint], list[tu
     perplexities (rows whose method is ``dense``) as (source, value) pairs."""
     points, dense = [], []
     for row in data["rows"]:
-        ppl = _number(row.get("perplexity"))
+        ppl = number(row.get("perplexity"))
         if row["method"] == "dense":
             if ppl is not None:
                 dense.append((source, ppl))
             continue
-        points.append(QualityPoint(row["method"], _number(row.get("target_ratio")),
-                                   _number(row.get("achieved_ratio")), ppl,
-                                   _number(row.get("compress_seconds")), source))
+        points.append(QualityPoint(row["method"], number(row.get("target_ratio")),
+                                   number(row.get("achieved_ratio")), ppl,
+                                   number(row.get("compress_seconds")), source))
     return points, dense
 
 
 def run_point(run: RunRecord, source: str) -> tuple[list[QualityPoint], list[tuple[str, float]]]:
     """Returns the point and the dense perplexity (when measured) of a run record."""
-    point = QualityPoint(run.label, _number(run.target_ratio), _number(run.achieved_ratio),
-                         _number(run.perplexity), _number(run.compress_seconds), source)
-    dense = _number(run.dense_perplexity)
+    point = QualityPoint(run.label, number(run.target_ratio), number(run.achieved_ratio),
+                         number(run.perplexity), number(run.compress_seconds), source)
+    dense = number(run.dense_perplexity)
     return [point], [(source, dense)] if dense is not None else []
 
 
@@ -265,7 +258,7 @@ def speed_rows(figures: dict, source: str, method: str | None = None,
         ReportError: a row lacks a field, or a shape has no dense row.
     """
     method = method or figures.get("method") or "compressed"
-    target_ratio = target_ratio if target_ratio is not None else _number(
+    target_ratio = target_ratio if target_ratio is not None else number(
         figures.get("target_ratio"))
     try:
         rows = [(row, (int(row["batch_size"]), int(row["prompt_len"])))
@@ -278,8 +271,8 @@ def speed_rows(figures: dict, source: str, method: str | None = None,
             if key not in dense:
                 raise ReportError(f"{source}: no dense row for batch {key[0]}, prompt {key[1]}")
             d = dense[key]
-            byte_ratio = (_ratio(_number(d.get("weight_bytes")), _number(c.get("weight_bytes")))
-                          or _number(figures.get("weight_byte_ratio")))
+            byte_ratio = (_ratio(number(d.get("weight_bytes")), number(c.get("weight_bytes")))
+                          or number(figures.get("weight_byte_ratio")))
             out.append(SpeedRow(
                 source, str(method), str(c["model"]), target_ratio, byte_ratio, *key,
                 float(d["prefill_tokens_per_s"]), float(c["prefill_tokens_per_s"]),
@@ -337,12 +330,12 @@ def read_checkpoint(path: Path, label: str | None = None) -> CheckpointRecord:
     speed = []
     if (path / BENCH_FILE).is_file():
         speed = speed_rows(load_json(path / BENCH_FILE), label, method,
-                           _number(entry.get("target_ratio")))
+                           number(entry.get("target_ratio")))
     return CheckpointRecord(
         path=path, label=label, method=method, settings=entry.get("settings") or {},
-        target_ratio=_number(entry.get("target_ratio")),
-        achieved_ratio=_number(entry.get("achieved_ratio")),
-        achieved_byte_ratio=_number(entry.get("achieved_byte_ratio")),
+        target_ratio=number(entry.get("target_ratio")),
+        achieved_ratio=number(entry.get("achieved_ratio")),
+        achieved_byte_ratio=number(entry.get("achieved_byte_ratio")),
         run=run, modules=modules,
         stored_bytes=bytes_by_dtype(path), speed=speed)
 

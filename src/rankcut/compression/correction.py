@@ -161,13 +161,8 @@ def _gradient_steps(run: BlockRun) -> float:
     del dense
     for index in tqdm(range(blocks - 1, -1, -1), desc="correction backward", unit="block"):
         block = run.block(index)
-        low_rank = _factorized(run, index)
-        dense = {name: module.to_dense() for name, module in low_rank.items()}
-        for name, layer in dense.items():
-            sm.model.set_submodule(name, layer)
-        _, _, grads = run.backward_block(block, index, dense, input_stats=False)
-        for name, module in low_rank.items():
-            sm.model.set_submodule(name, module)
+        with _dense_copies(run, _factorized(run, index)) as dense:
+            _, _, grads = run.backward_block(block, index, dense, input_stats=False)
         with torch.no_grad():
             for name in distributed.mine(run.by_block.get(index, [])):
                 if name in dense:
@@ -181,24 +176,35 @@ def _gradient_steps(run: BlockRun) -> float:
     return before
 
 
-@contextlib.contextmanager
-def _dense_head(run: BlockRun, dense: dict[str, nn.Linear]):
-    """With the head loaded: swaps its factorized modules (as kept in outside/) for dense
-    copies (also put into ``dense``), yields them for their gradients, and puts the
-    factorized ones back."""
-    sm = run.sm
-    low_rank = {}
+def _loaded_head_modules(run: BlockRun) -> dict[str, LowRankLinear]:
+    """With the head loaded: its factorized modules, as kept in outside/."""
     for name in _head_modules(run):
-        load_outside(run.work, "outside", sm, name)
-        low_rank[name] = sm.model.get_submodule(name)
-    dense.update({name: module.to_dense() for name, module in low_rank.items()})
+        load_outside(run.work, "outside", run.sm, name)
+    return {name: run.sm.model.get_submodule(name) for name in _head_modules(run)}
+
+
+@contextlib.contextmanager
+def _dense_copies(run: BlockRun, low_rank: dict[str, LowRankLinear]):
+    """Swaps the factorized modules ``low_rank`` for dense copies in the model, yields the
+    copies and puts the factorized modules back on exit (whatever replaced the copies
+    meanwhile goes)."""
+    dense = {name: module.to_dense() for name, module in low_rank.items()}
     for name, layer in dense.items():
-        sm.model.set_submodule(name, layer)
+        run.sm.model.set_submodule(name, layer)
     try:
         yield dense
     finally:
         for name, module in low_rank.items():
-            sm.model.set_submodule(name, module)
+            run.sm.model.set_submodule(name, module)
+
+
+@contextlib.contextmanager
+def _dense_head(run: BlockRun, dense: dict[str, nn.Linear]):
+    """With the head loaded: its factorized modules made dense (also put into ``dense``)
+    for their gradients, put back on exit."""
+    with _dense_copies(run, _loaded_head_modules(run)) as copies:
+        dense.update(copies)
+        yield copies
 
 
 @contextlib.contextmanager
@@ -207,23 +213,15 @@ def _recut_head(run: BlockRun, stage: int, scale: float, ranks: dict, plans: dic
     """With the head loaded: re-cuts its factorized modules at W + scale·step (their
     results go into ``results``), writes them to candidates/<stage>/outside/ and yields
     (no gradients wanted); on exit puts the kept modules back."""
-    sm, work = run.sm, run.work
-    low_rank = {}
-    for name in _head_modules(run):
-        load_outside(work, "outside", sm, name)
-        low_rank[name] = sm.model.get_submodule(name)
-    dense = {name: module.to_dense() for name, module in low_rank.items()}
-    decompose = functools.partial(_corrected, work, dense, set(distributed.mine(list(dense))),
-                                  scale)
-    with torch.no_grad():
-        results.update(factorize(sm.model, dense, ranks, decompose, plans, log=False))
-    for name in dense:
-        save_outside(work, f"candidates/{stage}/outside", sm, name)
-    try:
+    work = run.work
+    with _dense_copies(run, _loaded_head_modules(run)) as dense:
+        decompose = functools.partial(_corrected, work, dense,
+                                      set(distributed.mine(list(dense))), scale)
+        with torch.no_grad():
+            results.update(factorize(run.sm.model, dense, ranks, decompose, plans, log=False))
+        for name in dense:
+            save_outside(work, f"candidates/{stage}/outside", run.sm, name)
         yield {}
-    finally:
-        for name, module in low_rank.items():
-            sm.model.set_submodule(name, module)
 
 
 def _projected_step(work, name: str, dense: nn.Linear, grad: torch.Tensor) -> torch.Tensor:

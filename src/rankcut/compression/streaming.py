@@ -464,19 +464,29 @@ def streamed_perplexity(folder: str | Path, token_ids: torch.Tensor, seqlen: int
     """
     windows = split_windows(token_ids, seqlen, max_windows)
     sm = StreamedModel(folder, dtype, device)
+    with _through_blocks(sm, list(windows.split(1)), "perplexity (streamed)") as run, \
+            sm.parts(sm.outside(skip_head=False)), torch.no_grad():
+        nll = [_window_nll(sm, run.acts(len(sm.blocks), b), ids.to(sm.device))
+               for b, ids in enumerate(run.batches)]
+    return summarize(nll, seqlen - 1)
+
+
+@contextlib.contextmanager
+def _through_blocks(sm: StreamedModel, batches: list, desc: str):
+    """Runs ``batches`` (one sample each) through every block of ``sm``, one block loaded
+    at a time, and yields the block run, whose ``acts(len(sm.blocks), b)`` are the last
+    block's outputs. Side effects: activations go to a temporary folder, deleted at the
+    end."""
     with tempfile.TemporaryDirectory(prefix="rankcut-ppl-") as tmp:
-        work = WorkFolder(Path(tmp) / "ppl", "perplexity")
-        run = BlockRun(sm, work, None, {}, list(windows.split(1)))
+        work = WorkFolder(Path(tmp) / "ppl", desc)
+        run = BlockRun(sm, work, None, {}, batches)
         run.kwargs()
-        for index in tqdm(range(len(sm.blocks)), desc="perplexity (streamed)", unit="block"):
+        for index in tqdm(range(len(sm.blocks)), desc=desc, unit="block"):
             block = sm.block(index)
             run.forward(block, index)
             work.drop("acts", index)
             sm.release(block)
-        with sm.parts(sm.outside(skip_head=False)), torch.no_grad():
-            nll = [_window_nll(sm, run.acts(len(sm.blocks), b), ids.to(sm.device))
-                   for b, ids in enumerate(run.batches)]
-    return summarize(nll, seqlen - 1)
+        yield run
 
 
 def streamed_caption_perplexity(folder: str | Path, processor, records: list[dict],
@@ -499,20 +509,12 @@ def streamed_caption_perplexity(folder: str | Path, processor, records: list[dic
         raise CalibrationError("no image-text record has any text to score")
     sm = StreamedModel(folder, dtype, device)
     top = len(sm.blocks)
-    with tempfile.TemporaryDirectory(prefix="rankcut-ppl-") as tmp:
-        work = WorkFolder(Path(tmp) / "ppl", "caption perplexity")
-        run = BlockRun(sm, work, None, {}, samples)
-        run.kwargs()
-        for index in tqdm(range(top), desc="caption perplexity (streamed)", unit="block"):
-            block = sm.block(index)
-            run.forward(block, index)
-            work.drop("acts", index)
-            sm.release(block)
-        with sm.parts(sm.outside(skip_head=False)), torch.no_grad():
-            nll = [float(F.cross_entropy(head_logits(sm, run.acts(top, b))[0, :-1].float(),
-                                         sample.targets[0].to(sm.device), ignore_index=IGNORE,
-                                         reduction="sum"))
-                   for b, sample in enumerate(samples)]
+    with _through_blocks(sm, samples, "caption perplexity (streamed)") as run, \
+            sm.parts(sm.outside(skip_head=False)), torch.no_grad():
+        nll = [float(F.cross_entropy(head_logits(sm, run.acts(top, b))[0, :-1].float(),
+                                     sample.targets[0].to(sm.device), ignore_index=IGNORE,
+                                     reduction="sum"))
+               for b, sample in enumerate(samples)]
     return summarize(nll, tokens=sum(sample.predicted for sample in samples))
 
 

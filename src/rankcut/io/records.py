@@ -75,7 +75,7 @@ class RunRecord:
     @classmethod
     def from_json(cls, data: dict) -> RunRecord:
         """Reads a record from parsed JSON; unknown keys are ignored, missing optional ones
-        are None, and a non-numeric figure becomes None.
+        are None, and a float figure that is not a finite number becomes None.
 
         Raises:
             ValueError: ``data`` lacks a required field.
@@ -83,14 +83,9 @@ class RunRecord:
         if not cls.matches(data):
             missing = [key for key in REQUIRED if key not in (data or {})]
             raise ValueError(f"not a run record: missing {missing or ['method (a string)']}")
-        known = {f.name: f for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        for name in ("target_ratio", "perplexity", "achieved_ratio", "achieved_byte_ratio",
-                     "dense_perplexity", "dense_caption_perplexity", "caption_perplexity",
-                     "compress_seconds", "wall_seconds", "peak_rss_mb", "peak_gpu_mb"):
-            if name in values:
-                values[name] = _number(values[name])
-        return cls(**values)
+        known = {f.name: str(f.type) for f in fields(cls)}
+        return cls(**{key: number(value) if known[key].startswith("float") else value
+                      for key, value in data.items() if key in known})
 
     @property
     def label(self) -> str:
@@ -100,9 +95,9 @@ class RunRecord:
         return self.method
 
 
-def _number(value: Any) -> float | None:
-    """A finite-or-not float, or None for anything that is not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, NaN, inf): how a figure
+    read back from JSON is taken."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    value = float(value)
-    return value if not math.isnan(value) else None
+    return float(value) if math.isfinite(value) else None
