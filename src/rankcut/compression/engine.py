@@ -894,10 +894,8 @@ class BlockRun:
             names = self.by_block.get(index, [])
             layers = {name: self.targets[name] for name in names}
             stats, outputs, grads = self.backward_block(block, index, layers)
-            stats, outputs = park(work, "inputs", stats), park(work, "outputs", outputs)
             self._store_all(names, stats, outputs, grads)
             work.commit(backward=len(sm.blocks) - index)
-            work.drop("parked")
             work.drop("grads", index + 1)
             work.drop("acts", index)
             sm.release(block)
@@ -1231,50 +1229,11 @@ def _reached(stats: dict[str, linalg.SecondMoment]) -> dict[str, linalg.SecondMo
     return stats
 
 
-class _Parked:
-    """A second moment whose n×n sums wait in a work file until its module is decomposed."""
-
-    def __init__(self, path: Path, moment: linalg.SecondMoment) -> None:
-        self.path, self.abs_sum, self.count = path, moment.abs_sum, moment.count
-
-    def load(self) -> linalg.SecondMoment:
-        """Reads the sums back (float64, bit for bit)."""
-        return linalg.SecondMoment(xx=load_tensors(self.path)["xx"], abs_sum=self.abs_sum,
-                                   count=self.count)
-
-
-def park(work: WorkFolder, kind: str, stats: dict) -> dict:
-    """Returns ``stats`` with every second moment written to the work folder (parked/) and
-    its n×n sums let go of; :func:`_last_use` reads one back when its module is
-    decomposed. So a block's decompositions hold the statistics of one module at a time,
-    not those of the whole block (IO-SVD's gate/up output metrics and down's input moment
-    are 5632² float64 each on a 1B Llama). Values that are not second moments stay."""
-    parked: dict[int, _Parked] = {}
-    out = {}
-    for name, value in stats.items():
-        if isinstance(value, linalg.SecondMoment):
-            if id(value) not in parked:  # modules that share an input share one file
-                path = work.file("parked", kind, name)
-                save_tensors(path, {"xx": value.xx})
-                parked[id(value)] = _Parked(path, value)
-                value.xx = None
-            value = parked[id(value)]
-        out[name] = value
-    return out
-
-
-def _last_use(stats: dict[str, linalg.SecondMoment | _Parked], name: str
+def _last_use(stats: dict[str, linalg.SecondMoment], name: str
               ) -> linalg.SecondMoment | None:
-    """Pops ``name``'s statistics (reading parked ones back, for every module that shares
-    them); when no other module shares them they are marked consumable, so that their mean
-    is computed in place of the sums."""
+    """Pops ``name``'s statistics; when no other module shares them they are marked
+    consumable, so that their mean is computed in place of the sums."""
     moment = stats.pop(name, None)
-    if isinstance(moment, _Parked):
-        loaded = moment.load()
-        for key, value in stats.items():
-            if value is moment:
-                stats[key] = loaded
-        moment = loaded
     if moment is not None and not any(other is moment for other in stats.values()):
         moment.consumable = True
     return moment

@@ -35,6 +35,4 @@ def decompose(config: ASVDConfig, weight: torch.Tensor, inputs: linalg.SecondMom
     return linalg.decompose(weight, column_scale=linalg.floored(inputs.mean_abs()) ** config.alpha)
 
 
-
-
 SPEC = MethodSpec(ASVDConfig, decompose)

@@ -39,6 +39,4 @@ def decompose(config: FWSVDConfig, weight: torch.Tensor, inputs: Any,
     return linalg.decompose(weight, row_scale=linalg.floored(outputs).sqrt())
 
 
-
-
 SPEC = MethodSpec(FWSVDConfig, decompose)

@@ -87,5 +87,4 @@ def score(config: IOSVDConfig, decomposition: linalg.Decomposition,
     return first + second
 
 
-
 SPEC = MethodSpec(IOSVDConfig, decompose, score)

@@ -23,6 +23,4 @@ def decompose(config: MethodConfig, weight: torch.Tensor, inputs: Any,
     return linalg.decompose(weight)
 
 
-
-
 SPEC = MethodSpec(SVDConfig, decompose)

@@ -54,7 +54,5 @@ def eigen_whitened_svd(config: MethodConfig, weight: torch.Tensor,
     return linalg.decompose(weight, input_whitening=linalg.eigen_whitening(inputs.mean()))
 
 
-
-
 SPEC = MethodSpec(SVDLLMConfig, whitened_svd)
 V2_SPEC = MethodSpec(SVDLLMV2Config, eigen_whitened_svd)

@@ -54,5 +54,4 @@ class ZeroSumConfig(SVDLLMConfig):
         return True
 
 
-
 SPEC = MethodSpec(ZeroSumConfig, whitened_svd)
