@@ -32,6 +32,45 @@ def test_second_moment_matches_direct_sum_and_merges():
     assert a.count == stats.count
 
 
+def test_second_moment_over_several_panels_matches_direct_sum():
+    n = linalg.TILE + 300  # two panels: 1024 × 1024 and 300 × 1324
+    x = torch.randn(40, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stats = _moment(x)
+    assert [tuple(p.shape) for p in stats.panels] == [(linalg.TILE, linalg.TILE), (300, n)]
+    torch.testing.assert_close(stats.xx, x.T @ x, rtol=1e-12, atol=1e-9)
+    stats.consumable = True
+    torch.testing.assert_close(stats.mean(), x.T @ x / 40, rtol=1e-12, atol=1e-9)
+    assert stats.panels is None  # given away
+    with pytest.raises(ValueError, match="consumed"):
+        stats.mean()
+
+
+@pytest.mark.parametrize(("n", "tile"), [(16, 5), (33, 8), (40, 64)])
+def test_in_place_cholesky_matches_lapack_and_leaves_the_upper_triangle(n, tile):
+    _, x = _data(n=n, tokens=3 * n)
+    r = _moment(x).mean()
+    r = (r + r.T) / 2
+    work = r.clone()
+    assert linalg._cholesky_lower_in_place(work, tile)
+    torch.testing.assert_close(work.tril(), torch.linalg.cholesky(r), rtol=1e-10, atol=1e-12)
+    assert torch.equal(work.triu(1), r.triu(1))
+
+
+def test_failed_in_place_cholesky_is_undone_and_damped_like_the_copying_path(caplog):
+    _, x = _data(n=40, tokens=12)  # rank 12 < 40: fails undamped in a later tile
+    r = _moment(x).mean()
+    r = (r + r.T) / 2
+    work = r.clone()
+    assert not linalg._cholesky_lower_in_place(work, 8)
+    work.diagonal().copy_(r.diagonal())
+    linalg._mirror_upper_to_lower(work, 8)
+    assert torch.equal(work, r)
+    copying = linalg.cholesky_whitening(r.clone())
+    in_place = linalg.cholesky_whitening(r.clone(), overwrite=True)
+    assert in_place.damping == copying.damping > 0 and in_place.kind == "cholesky"
+    torch.testing.assert_close(in_place.root, copying.root, rtol=1e-8, atol=1e-10)
+
+
 def test_empty_second_moment_raises():
     with pytest.raises(ValueError, match="no calibration tokens"):
         linalg.SecondMoment.zeros(3).mean()

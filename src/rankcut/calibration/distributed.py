@@ -107,7 +107,7 @@ def sum_moments(stats: dict[str, SecondMoment]) -> None:
     """Sums every accumulator of ``stats`` over ranks, in place. Layers that share one
     accumulator (one input) are summed once; every rank must hold the same sharing."""
     unique = list({id(s): s for s in stats.values()}.values())
-    sum_tensors(t for s in unique for t in (s.xx, s.abs_sum))
+    sum_tensors(t for s in unique for t in s.tensors())
     for moment, count in zip(unique, sum_numbers(*(s.count for s in unique)), strict=True):
         moment.count = count
 

@@ -1269,7 +1269,8 @@ class _LayerSums:
     metric (when there are KL ``seeds``)."""
 
     def __init__(self, layers: dict[str, nn.Linear], seeds: int, row_fisher: bool) -> None:
-        self.sums = {n: torch.zeros(layer.weight.shape) for n, layer in layers.items()}
+        self.shapes = {n: layer.weight.shape for n, layer in layers.items()}
+        self.sums: dict[str, torch.Tensor] = {}  # allocated by the first gradient
         self.metric = {n: linalg.SecondMoment.zeros(layer.out_features, layer.weight.device)
                        for n, layer in layers.items()} if seeds else {}
         self.rows = {n: torch.zeros(layer.out_features, dtype=torch.float64)
@@ -1278,7 +1279,10 @@ class _LayerSums:
     def add_batch_gradient(self, name: str, grad: torch.Tensor) -> None:
         """Adds one batch's ∂L_b/∂W of layer ``name``."""
         grad = grad.float().cpu()
-        self.sums[name] += grad
+        if name in self.sums:
+            self.sums[name] += grad
+        else:
+            self.sums[name] = grad.clone()
         if self.rows:
             self.rows[name] += grad.double().square().sum(1)
 
@@ -1293,8 +1297,11 @@ class _LayerSums:
         """Sums over processes; returns ({layer: row Fisher or metric}, {layer: G = sum /
         ``tokens``}, empty without ``weight_grads``)."""
         distributed.sum_moments(self.metric)
-        distributed.sum_tensors([*self.sums.values(), *self.rows.values()])
-        grads = {n: s / tokens for n, s in self.sums.items()} if weight_grads else {}
+        grads = {}
+        if weight_grads:  # a layer no batch reached sums zeros (every rank sends all)
+            grads = {n: self.sums.get(n, torch.zeros(shape)) for n, shape in self.shapes.items()}
+        distributed.sum_tensors([*grads.values(), *self.rows.values()])
+        grads = {n: s / tokens for n, s in grads.items()}
         return self.rows or self.metric, grads
 
 

@@ -24,19 +24,28 @@ DAMPING_SCHEDULE: tuple[float, ...] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 MIN_PIVOT = 1e-10
 
 
+#: Rows per panel of a stored second moment, and per tile of the in-place Cholesky.
+TILE = 1024
+
+
 @dataclass
 class SecondMoment:
     """Running input statistics of one layer, kept as (sum, count) in float64.
 
+    Σ x xᵀ is symmetric, so only its lower block triangle is kept: panel i holds rows
+    [i·TILE, (i+1)·TILE) and columns [0, (i+1)·TILE). For n = 5632 that is 59% of the
+    matrix, and each update computes only those products.
+
     Attributes:
-        xx: Σ x xᵀ over all tokens seen, n×n float64.
+        panels: the lower block triangle of Σ x xᵀ over all tokens seen (float64); None
+            once a ``consumable`` accumulator's mean was taken.
         abs_sum: Σ |x| over all tokens seen, n float64 (ASVD's channel scales).
         count: number of tokens seen.
-        consumable: ``mean()`` may turn Σ x xᵀ into the mean in place and let go of it
-            (set by a caller that will not read these statistics again; saves an n×n copy).
+        consumable: ``mean()`` may free the panels while it builds the mean (set by a
+            caller that will not read these statistics again).
     """
 
-    xx: torch.Tensor
+    panels: list[torch.Tensor] | None
     abs_sum: torch.Tensor
     count: int = 0
     consumable: bool = False
@@ -44,8 +53,18 @@ class SecondMoment:
     @classmethod
     def zeros(cls, n: int, device: torch.device | str = "cpu") -> SecondMoment:
         """Returns empty statistics for inputs of dimension ``n``."""
-        return cls(xx=torch.zeros(n, n, dtype=torch.float64, device=device),
-                   abs_sum=torch.zeros(n, dtype=torch.float64, device=device))
+        panels = [torch.zeros(min(start + TILE, n) - start, min(start + TILE, n),
+                              dtype=torch.float64, device=device) for start in range(0, n, TILE)]
+        return cls(panels=panels, abs_sum=torch.zeros(n, dtype=torch.float64, device=device))
+
+    @property
+    def xx(self) -> torch.Tensor:
+        """Σ x xᵀ as a full n×n matrix (a new tensor; upper triangle mirrored)."""
+        return self._assemble(free=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the sums (summed in place across processes)."""
+        return [*self._live_panels(), self.abs_sum]
 
     def update(self, x: torch.Tensor, new_tokens: bool = True) -> None:
         """Adds a batch of vectors ``x`` (any leading shape, last dim n). Mutates self.
@@ -54,42 +73,61 @@ class SecondMoment:
         (the 2nd…K-th term of a per-token sum such as IO-SVD's Σ_k b_k b_kᵀ).
 
         Float64 input is multiplied in float64; lower precisions are multiplied in float32
-        (the activations carry no more than that) and each batch's product is added to
+        (the activations carry no more than that) and each panel's product is added to
         the float64 sum: the long accumulation keeps float64 accuracy at half the cost.
         """
-        flat = x.reshape(-1, x.shape[-1]).to(self.xx.device)
-        if flat.dtype == torch.float64:
-            self.xx.addmm_(flat.T, flat)
-        else:
+        flat = x.reshape(-1, x.shape[-1]).to(self.abs_sum.device)
+        if flat.dtype != torch.float64:
             flat = flat.float()
-            product = flat.T @ flat
-            for rows in range(0, product.shape[0], 1024):  # no n×n float64 temporary
-                self.xx[rows:rows + 1024].add_(product[rows:rows + 1024])
+        for i, panel in enumerate(self._live_panels()):
+            rows, stop = i * TILE, i * TILE + panel.shape[0]
+            if flat.dtype == torch.float64:
+                panel.addmm_(flat[:, rows:stop].T, flat[:, :stop])
+            else:
+                panel.add_(flat[:, rows:stop].T @ flat[:, :stop])
         if new_tokens:
             self.abs_sum.add_(flat.abs().sum(0, dtype=torch.float64))
             self.count += flat.shape[0]
 
     def merge(self, other: SecondMoment) -> None:
         """Adds another accumulator's sums and counts into this one. Mutates self."""
-        self.xx.add_(other.xx.to(self.xx.device))
+        for mine, theirs in zip(self._live_panels(), other._live_panels(), strict=True):
+            mine.add_(theirs.to(mine.device))
         self.abs_sum.add_(other.abs_sum.to(self.abs_sum.device))
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
-        """Returns R = Σ x xᵀ / N (float64); a ``consumable`` accumulator is divided in
-        place and gives its matrix away (``xx`` becomes None).
+        """Returns R = Σ x xᵀ / N as a new n×n float64 matrix; a ``consumable``
+        accumulator frees each panel once it is copied (``panels`` becomes None).
 
         Raises:
             ValueError: no token was seen, or the matrix was already given away.
         """
         if self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
-        if self.xx is None:
+        return self._assemble(free=self.consumable).div_(self.count)
+
+    def _live_panels(self) -> list[torch.Tensor]:
+        if self.panels is None:
             raise ValueError("these statistics were consumed by an earlier mean()")
-        if not self.consumable:
-            return self.xx / self.count
-        mean, self.xx = self.xx.div_(self.count), None
-        return mean
+        return self.panels
+
+    def _assemble(self, free: bool) -> torch.Tensor:
+        """The full symmetric sum from the panels; with ``free``, each panel is let go
+        as soon as it is copied (the peak is one n×n matrix plus one panel)."""
+        panels, n = self._live_panels(), self.abs_sum.numel()
+        if free:
+            self.panels = None
+        full = torch.empty(n, n, dtype=torch.float64, device=self.abs_sum.device)
+        for i in range(len(panels)):
+            panel, rows = panels[i], i * TILE
+            stop = rows + panel.shape[0]
+            full[rows:stop, :stop] = panel
+            full[:rows, rows:stop] = panel[:, :rows].T
+            if free:
+                panels[i] = None
+            del panel
+        return full
 
     def mean_abs(self) -> torch.Tensor:
         """Returns mean |x| per input channel (float64). Raises ValueError when empty."""
@@ -162,15 +200,66 @@ def cholesky_whitening(
         damped = r if overwrite or not lam else r.clone()  # an owned R is damped in place
         if lam:
             damped.diagonal().copy_(diagonal + lam * scale)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        if overwrite:  # factored in place: no n×n temporary
+            ok = _cholesky_lower_in_place(r)
+            chol = r
+        else:
+            chol, info = torch.linalg.cholesky_ex(damped)
+            ok = info.item() == 0
         del damped
-        if info.item() == 0 and chol.diagonal().square().min() > MIN_PIVOT * scale:
+        if ok and chol.diagonal().square().min() > MIN_PIVOT * scale:
             if lam > 0:
                 logger.warning("second moment not positive definite; damped with λ=%g", lam)
-            return Whitening(root=chol, kind="cholesky", damping=lam)
+            return Whitening(root=chol.tril_() if overwrite else chol, kind="cholesky",
+                             damping=lam)
+        if overwrite:
+            _mirror_upper_to_lower(r)
     logger.warning("Cholesky failed at every damping level; using the clamped eigen-root")
     r.diagonal().copy_(diagonal)
     return eigen_whitening(r)
+
+
+def _cholesky_lower_in_place(r: torch.Tensor, tile: int = TILE) -> bool:
+    """Overwrites the lower triangle of symmetric R with its Cholesky factor L (blocked,
+    right-looking, one tile column at a time); the strict upper triangle keeps R's values,
+    so a failed attempt can be undone by :func:`_mirror_upper_to_lower`.
+
+    Returns:
+        False when a diagonal tile is not positive definite (R's lower part then holds
+        partial results).
+    """
+    n = r.shape[0]
+    for k in range(0, n, tile):
+        end = min(k + tile, n)
+        block = r[k:end, k:end]
+        lower = block.tril()
+        factor, info = torch.linalg.cholesky_ex(lower + lower.tril(-1).T)
+        if info.item() != 0:
+            return False
+        block.copy_(factor + block.triu(1))
+        if end == n:
+            return True
+        panel = r[end:, k:end]
+        panel.copy_(torch.linalg.solve_triangular(factor.T, panel, upper=True, left=False))
+        for j in range(end, n, tile):
+            stop = min(j + tile, n)
+            update = panel[j - end:] @ panel[j - end:stop - end].T
+            r[stop:, j:stop].sub_(update[stop - j:])
+            r[j:stop, j:stop].sub_(update[:stop - j].tril())
+    return True
+
+
+def _mirror_upper_to_lower(r: torch.Tensor, tile: int = TILE) -> None:
+    """Rebuilds R's strict lower triangle from its strict upper one, tile by tile (R's
+    diagonal is restored by the caller)."""
+    n = r.shape[0]
+    for i in range(0, n, tile):
+        for j in range(0, i + 1, tile):
+            target, source = r[i:i + tile, j:j + tile], r[j:j + tile, i:i + tile]
+            if i == j:
+                target.copy_(source.triu(1) + source.triu(1).T + target.diagonal().diag())
+            else:
+                target.copy_(source.T)
 
 
 def eigen_whitening(r: torch.Tensor, floor: float = 1e-8) -> Whitening:
