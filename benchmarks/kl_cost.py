@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = rankcut.load_model(args.model)
     ids = data.calibration_batch(tokenizer, data.load_text("wiki", "calib"), args.batch_size,
                                  args.seqlen, 3)
-    layers = rankcut.models.select_targets(model)
+    layers = rankcut.architecture.select_targets(model)
     variants = [("no output metric", None, 0), ("sample, K=5", "sample", 5)]
     variants += [(f"exact, K={k}", "exact", k) for k in args.top_k]
     rows = []

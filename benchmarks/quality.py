@@ -75,10 +75,10 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
     import torch
 
     import rankcut
+    from rankcut.architecture import text_tokenizer
     from rankcut.calibration import data, image_data
-    from rankcut.cli import peak_gpu_mb, peak_rss_mb
     from rankcut.measure.evaluation import caption_perplexity
-    from rankcut.models import text_tokenizer
+    from rankcut.runner import peak_gpu_mb, peak_rss_mb
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
@@ -136,9 +136,9 @@ def run_one_streamed(args: argparse.Namespace, method: str | None, ratio: float 
     from transformers import AutoTokenizer
 
     from rankcut.calibration import data
-    from rankcut.cli import peak_rss_mb
     from rankcut.compression import streaming
-    from rankcut.models import resolve_model_source
+    from rankcut.loading import resolve_model_source
+    from rankcut.runner import peak_rss_mb
 
     if args.calib_images or args.eval_images:
         raise SystemExit("--stream measures text models here; drop --calib-images/--eval-images")
@@ -172,7 +172,7 @@ def run_one_streamed(args: argparse.Namespace, method: str | None, ratio: float 
 
 def kept_by_type(report) -> dict[str, float]:
     """Fraction of each module type's parameters kept (the allocation picture)."""
-    from rankcut.models import module_type
+    from rankcut.architecture import module_type
 
     dense: dict[str, int] = {}
     kept: dict[str, int] = {}

@@ -45,8 +45,8 @@ def memory_worker(args: argparse.Namespace, model_path: str) -> dict:
     import torch
 
     import rankcut
-    from rankcut.cli import peak_gpu_mb, peak_rss_mb
     from rankcut.measure.inference import time_generation
+    from rankcut.runner import peak_gpu_mb, peak_rss_mb
 
     before = current_rss_mb()
     if model_path == args.dense:

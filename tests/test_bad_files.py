@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from rankcut import methods, models
+from rankcut import loading, methods
 from rankcut.calibration import image_data
 from rankcut.calibration.data import load_text
 from rankcut.cli import build_parser, main
@@ -85,7 +85,7 @@ def test_gguf_as_folder_refuses_a_truncated_gguf_before_writing(tiny_gguf, tmp_p
     bad.write_bytes(tiny_gguf.read_bytes()[:5000])
     with pytest.raises(ModelLoadError, match=re.escape(f"GGUF file {bad} (5,000 bytes) is "
                                                        "truncated or corrupt: ")):
-        models.gguf_as_folder(bad)
+        loading.gguf_as_folder(bad)
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
@@ -97,7 +97,7 @@ def test_truncated_dense_shard_is_a_clear_error(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(ModelLoadError, match=re.escape(f"weights file {shard} is truncated or "
                                                        "corrupt: ")):
-        models.load_model(folder)
+        loading.load_model(folder)
 
 
 # --- A2: images --------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_export_without_tokenizer_writes_the_weights_and_warns(tmp_path, calib_i
         assert main(["export", str(tmp_path / "ckpt"), "--dense", "--output", str(out)]) == 0
     assert (f"{tmp_path / 'ckpt'} has no tokenizer files: the dense checkpoint is written "
             "without a tokenizer") in caplog.text
-    assert not any((out / name).exists() for name in models.TOKENIZER_FILES)
+    assert not any((out / name).exists() for name in loading.TOKENIZER_FILES)
     dense = AutoModelForCausalLM.from_pretrained(out)
     assert not hasattr(dense.config, "quantization_config")
 
@@ -349,7 +349,7 @@ def test_every_truncated_checkpoint_file_is_a_clean_error(checkpoint_dir, tmp_pa
     for _ in _truncations(shard, _safetensors_header(shard)):
         _cli_error(["info", str(checkpoint_dir)], capsys)
         with pytest.raises(RankcutError):
-            models.load_model(checkpoint_dir)
+            loading.load_model(checkpoint_dir)
     config = checkpoint_dir / "config.json"
     config.write_text(config.read_text().rstrip())  # a cut trailing newline leaves it whole
     for _ in _truncations(config, [10, 100]):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import rankcut
+from rankcut.architecture import select_targets
 from rankcut.core import linalg
 from rankcut.core.allocation import fill_budget, kept_params, loss_balanced_ranks
 from rankcut.errors import ConfigError
 from rankcut.methods import make_config, method_spec
-from rankcut.models import select_targets
 
 from .conftest import tiny_model
 from .whole_model import calibration_gradients

@@ -185,6 +185,25 @@ def test_every_config_setting_is_a_flag_that_reaches_its_config():
         cli._compress_settings(args)
 
 
+def test_runner_checks_a_job_before_any_work(model_dir, tmp_path):
+    from rankcut import runner
+    from rankcut.compression.update import make_update
+
+    config = rankcut.make_config("svd-llm", ratio=0.3)
+    with pytest.raises(rankcut.errors.ConfigError, match="--update lora is not supported"):
+        runner.check(runner.CompressJob(config, model=str(model_dir), stream=True,
+                                        update=make_update("lora")))
+    with pytest.raises(rankcut.errors.ConfigError, match="--num-samples must be at least 1"):
+        runner.check(runner.CompressJob(config, model=str(model_dir), num_samples=0))
+    job = runner.check(runner.CompressJob(config, model=str(model_dir), seqlen=32,
+                                          eval_seqlen=64, output=str(tmp_path / "o")))
+    assert job.output == str(tmp_path / "o") and job.uses_calibration
+    with pytest.raises(rankcut.errors.ConfigError, match="maximum positions"):
+        runner.check(runner.CompressJob(config, model=str(model_dir), seqlen=10**6,
+                                        output=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error(model_dir, calib_file, tmp_path, capsys):
     assert _compress(model_dir, calib_file, tmp_path / "out", "--device", "cuda") == 2

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from rankcut import models
+from rankcut import architecture, loading
 from rankcut.cli import main
 from rankcut.errors import CheckpointError, ModelLoadError
 from rankcut.io import checkpoint
@@ -139,7 +139,7 @@ def test_a_model_still_attached_to_a_quantizer_is_refused_before_the_work(llama)
 
 def test_missing_gguf_file_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="GGUF file not found"):
-        models.gguf_as_folder(tmp_path / "absent.gguf")
+        loading.gguf_as_folder(tmp_path / "absent.gguf")
     with pytest.raises(ModelLoadError, match="GGUF file not found"):
         rankcut.load_model(tmp_path / "absent.gguf")
 
@@ -163,7 +163,7 @@ def test_bundled_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
     assert figures["dense_perplexity"] == pytest.approx(folder["dense_perplexity"], rel=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert sum(isinstance(m, rankcut.LowRankLinear) for m in reloaded.modules()) == 30 * 7
-    tokenizer = models.text_tokenizer(rankcut.load_model(tmp_path / "out")[1])
+    tokenizer = architecture.text_tokenizer(rankcut.load_model(tmp_path / "out")[1])
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert torch.isfinite(_logits(reloaded, ids)).all()
     assert figures["dense_perplexity"] < figures["perplexity"]

@@ -96,7 +96,7 @@ def test_predicted_kl_tracks_the_measured_kl_on_a_tiny_model(calib_ids):
     """With the full-vocabulary Fisher, ½ Σ dropped σ² predicts the KL increase of cutting
     one layer's smallest components (K-FAC approximation: within a factor of 1.5)."""
     model = tiny_model().double()
-    layers = rankcut.models.select_targets(model)
+    layers = rankcut.architecture.select_targets(model)
     outputs = OutputMetricHooks(layers, VOCAB, "exact", seed=0)
     with InputMomentHooks(layers) as inputs, outputs:
         calibration_gradients(model, layers, calib_ids, input_hooks=inputs,
@@ -168,7 +168,7 @@ def test_top_1_metric_is_zero_and_warned(calib_ids, caplog):
     """Renormalized over one token, p is a point mass: every seed is zero."""
     assert all(torch.count_nonzero(s) == 0 for s in fisher.kl_seeds(_logits(3), 1, "exact"))
     model = tiny_model()
-    layers = rankcut.models.select_targets(model, include=["*.layers.1.mlp.*"])
+    layers = rankcut.architecture.select_targets(model, include=["*.layers.1.mlp.*"])
     with OutputMetricHooks(layers, 1, "sample") as outputs:
         calibration_gradients(model, layers, calib_ids, output_hooks=outputs)
     assert all(torch.count_nonzero(s.xx) == 0 for s in outputs.stats.values())

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import rankcut
+from rankcut.architecture import find_decoder_blocks, select_targets
 from rankcut.core import linalg
 from rankcut.errors import CalibrationError, ConfigError, UnsupportedModelError
-from rankcut.models import find_decoder_blocks, select_targets
 
 from .conftest import VOCAB, tiny_model
 

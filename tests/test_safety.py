@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rankcut
-from rankcut import models
+from rankcut import loading
 from rankcut.cli import main
 from rankcut.errors import CheckpointError
 from rankcut.io import checkpoint, outputs
@@ -42,7 +42,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the argument was checked")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
 
 
 @pytest.fixture

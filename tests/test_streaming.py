@@ -46,10 +46,11 @@ def head_rank_map(src, include, head_rank):
     ones where a stage with the head is kept (it is rejected on some others)."""
     if head_rank is None:
         return None
-    from rankcut import models
+    from rankcut import architecture
     from rankcut.core.allocation import uniform_ranks
 
-    targets = models.select_targets(AutoModelForCausalLM.from_pretrained(src), include=include)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    targets = architecture.select_targets(model, include=include)
     ranks = uniform_ranks({n: tuple(t.weight.shape) for n, t in targets.items()}, 0.6)
     return {**ranks, "lm_head": head_rank}
 

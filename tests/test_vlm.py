@@ -14,7 +14,7 @@ from transformers import (
 )
 
 import rankcut
-from rankcut import methods, models
+from rankcut import architecture, methods
 from rankcut.compression import pipeline
 from rankcut.errors import UnsupportedModelError
 from rankcut.io import checkpoint
@@ -57,10 +57,10 @@ def image_batch(model, layout: str):
                                           ("smolvlm", "model.text_model")])
 def test_language_tower_is_found_and_targeted_alone(layout, tower):
     model = tiny_vlm(layout)
-    assert models.language_tower(model)[0] == tower
-    prefix, blocks = models.find_decoder_blocks(model)
+    assert architecture.language_tower(model)[0] == tower
+    prefix, blocks = architecture.find_decoder_blocks(model)
     assert prefix == f"{tower}.layers" and len(blocks) == 2
-    targets = models.select_targets(model)
+    targets = architecture.select_targets(model)
     assert len(targets) == 14 and all(n.startswith(prefix + ".") for n in targets)
 
 
@@ -91,11 +91,11 @@ def _tiny_qwen2_vl_or_gemma3(layout: str) -> nn.Module:
 @pytest.mark.parametrize("layout", ["qwen2-vl", "gemma3"])
 def test_language_tower_of_qwen2_vl_and_gemma3_layouts(layout):
     model = _tiny_qwen2_vl_or_gemma3(layout)
-    assert models.is_vision_language(model)
-    assert models.language_tower(model)[0] == "model.language_model"
-    prefix, blocks = models.find_decoder_blocks(model)
+    assert architecture.is_vision_language(model)
+    assert architecture.language_tower(model)[0] == "model.language_model"
+    prefix, blocks = architecture.find_decoder_blocks(model)
     assert prefix == "model.language_model.layers" and len(blocks) == 2
-    targets = models.select_targets(model)
+    targets = architecture.select_targets(model)
     assert len(targets) == 14 and all(n.startswith(prefix + ".") for n in targets)
 
 
@@ -111,7 +111,7 @@ class _Unknown(nn.Module):
 
 def test_unknown_vlm_layout_names_what_was_searched():
     with pytest.raises(UnsupportedModelError, match="language_model, text_model"):
-        models.find_decoder_blocks(_Unknown())
+        architecture.find_decoder_blocks(_Unknown())
 
 
 @pytest.mark.parametrize("layout", ["llava", "smolvlm"])
@@ -122,8 +122,8 @@ def test_compress_changes_only_the_language_tower_and_reloads(tmp_path, calib_id
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = pipeline.compress(model, methods.make_config(method, ratio=0.3), calib_ids,
                                batch_size=4)
-    prefix, _ = models.find_decoder_blocks(model)
-    assert set(report.rank_map) == set(models.select_targets(tiny_vlm(layout)))
+    prefix, _ = architecture.find_decoder_blocks(model)
+    assert set(report.rank_map) == set(architecture.select_targets(tiny_vlm(layout)))
     after = model.state_dict()
     for key, value in before.items():
         if not key.startswith(prefix + "."):
@@ -152,7 +152,7 @@ def test_cli_compress_of_the_test_vlm_equals_plain_smollm2_and_exports(tmp_path,
     from rankcut.offline import vlm_assets
 
     folder = vlm_assets.ensure_test_vlm(layout)
-    tower = models.language_tower(AutoModelForImageTextToText.from_pretrained(folder))[0]
+    tower = architecture.language_tower(AutoModelForImageTextToText.from_pretrained(folder))[0]
     common = ["--method", "svd-llm", "--ratio", "0.3", "--num-samples", "4", "--seqlen", "64",
               "--eval-seqlen", "128", "--max-windows", "2", "--device", "cpu"]
     runs = {"vlm": (str(folder), f"{tower}.layers.0.*"),

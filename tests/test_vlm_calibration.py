@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankcut import methods, models
+from rankcut import architecture, methods
 from rankcut.calibration.data import IGNORE, Calibration, as_calibration
 from rankcut.cli import main
 from rankcut.compression import pipeline, update
@@ -84,7 +84,7 @@ def test_images_reach_the_tower_statistics_and_only_the_tower_changes(tmp_path, 
         report = pipeline.compress(model, config, calib_run, batch_size=3)
         runs[key] = (model, report)
     model, report = runs["images"]
-    prefix, _ = models.find_decoder_blocks(model)
+    prefix, _ = architecture.find_decoder_blocks(model)
     assert all(name.startswith(prefix + ".") for name in report.rank_map)
     after = model.state_dict()
     for key, value in before.items():
@@ -219,7 +219,7 @@ def test_streamed_image_calibration_equals_in_memory(tmp_path, layout, method, i
     report = streaming.compress_streaming(tmp_path / "vlm", tmp_path / "streamed", config, calib,
                                           batch_size=3, include=include)
     assert report.rank_map == expected.rank_map
-    prefix = models.find_decoder_blocks(model)[0]
+    prefix = architecture.find_decoder_blocks(model)[0]
     outside = [n for n, r in report.rank_map.items() if r and not n.startswith(prefix + ".")]
     assert bool(outside) == bool(include)
     streamed = checkpoint.from_pretrained(tmp_path / "streamed").state_dict()
@@ -258,7 +258,7 @@ def test_cli_stream_with_image_calibration(tmp_path):
                  "--json", str(tmp_path / "run.json")]) == 0
     figures = json.loads((tmp_path / "run.json").read_text())
     ranks = json.loads((out / "rank_map.json").read_text())
-    tower = models.language_tower(tiny_vlm("llava"))[0]
+    tower = architecture.language_tower(tiny_vlm("llava"))[0]
     assert ranks and all(name.startswith(f"{tower}.layers.") for name in ranks)
     assert AutoProcessor.from_pretrained(out).image_processor is not None
     source = vlm_assets.ensure_test_vlm("llava")
@@ -412,7 +412,7 @@ def test_cli_io_svd_with_image_calibration_on_both_test_vlms(tmp_path):
         source = AutoModelForImageTextToText.from_pretrained(vlm_assets.ensure_test_vlm(layout))
         reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
         ranks = json.loads((out / "rank_map.json").read_text())
-        tower = models.language_tower(tiny_vlm(layout))[0]
+        tower = architecture.language_tower(tiny_vlm(layout))[0]
         assert all(name.startswith(f"{tower}.layers.") for name in ranks)
         factored = {f"{name}.weight" for name, rank in ranks.items() if rank is not None}
         written = reloaded.state_dict()

@@ -31,7 +31,7 @@ def test_predicted_loss_change_matches_finite_difference(calib_ids):
     """The five components with the largest predicted |ΔL| in the whole model: dropping
     each alone changes the float64 calibration loss by the predicted amount (sign, 20%)."""
     model = tiny_model().double()
-    layers = rankcut.models.select_targets(model)
+    layers = rankcut.architecture.select_targets(model)
     grads, base = calibration_gradients(model, layers, calib_ids)
     moments = _input_moments(model, layers, calib_ids)
     candidates = []
@@ -240,7 +240,7 @@ def test_gradients_match_autograd_and_leave_the_model_as_it_was(calib_ids):
     """The whole-model reference (tests/whole_model.py) the engine's statistics are tested
     against is itself checked against plain autograd."""
     model = tiny_model()
-    layers = rankcut.models.select_targets(model)
+    layers = rankcut.architecture.select_targets(model)
     grads, loss = calibration_gradients(model, layers, calib_ids, batch_size=3)
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())

@@ -18,9 +18,9 @@ from ._version import __version__
 from .compression.pipeline import compress, to_dense
 from .errors import RankcutError
 from .io.checkpoint import from_pretrained, register_with_transformers, save_pretrained
+from .loading import load_model
 from .measure.evaluation import evaluate
 from .methods import METHODS, make_config
-from .models import load_model
 from .nn.modules import LowRankLinear
 
 register_with_transformers()

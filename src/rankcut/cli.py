@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import resource
 import sys
 import time
 from collections import defaultdict
@@ -15,17 +13,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from . import runner
+from .architecture import block_number, module_type
 from .errors import RankcutError
 from .io.atomic import write_json
-from .io.checkpoint import BENCH_FILE, RUN_FILE
+from .io.checkpoint import BENCH_FILE
 from .io.records import RunRecord
-from .models import block_number, module_type, text_tokenizer
+from .runner import DEFAULT_OUTPUT
 
 logger = logging.getLogger("rankcut")
-
-#: ``compress``'s output folder when ``--output`` is not given; a previous rankcut output
-#: there is replaced without ``--overwrite`` (the user never named it).
-DEFAULT_OUTPUT = "rankcut-out"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,31 +208,45 @@ def _add_eval_args(p: argparse.ArgumentParser, seqlen_flag: str, default_windows
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    """Loads, calibrates, compresses, saves, evaluates and prints the closing table.
+    """Checks every argument, then compresses (:func:`rankcut.runner.run`), holding a lock
+    on the output folder, and prints the module summary and the closing table.
 
     Launched by torchrun with more than one process, every process joins the group, loads
     the model and calibrates on its share; process 0 alone evaluates, prints and writes.
     """
     from .calibration import distributed
+    from .io import outputs
 
-    device, dtype = _device(args)
+    device, _ = _device(args)
     with distributed.launched(device) as device:
         if distributed.world()[0] > 0:
             logging.getLogger().setLevel(logging.WARNING)
-        _compress(args, device, dtype)
+        job = runner.check(_compress_job(args))
+        if args.json:
+            outputs.check_file_output(args.json)
+        if distributed.world()[0] > 0:
+            runner.run(job, device)
+            return
+        with outputs.output_lock(job.output):
+            record, report = runner.run(job, device)
+    _print_module_summary(report)
+    _print_closing_table(record)
+    _write_json(args.json, record.to_json())
 
 
-def _compress(args: argparse.Namespace, device: str, dtype) -> None:
-    """Validates every argument, then (process 0) locks ``--output`` for the whole run."""
-    from .calibration import distributed
-    from .io import outputs
-
+def _compress_job(args: argparse.Namespace) -> runner.CompressJob:
+    """The job of ``compress``'s flags (see :func:`_compress_settings`)."""
     config, update_config, rank_map = _compress_settings(args)
-    _check_compress_args(args, config)
-    if distributed.world()[0] > 0:
-        return _compress_locked(args, device, dtype, config, update_config, rank_map)
-    with outputs.output_lock(args.output):
-        _compress_locked(args, device, dtype, config, update_config, rank_map)
+    return runner.CompressJob(
+        config=config, model=args.model, output=args.output, overwrite=args.overwrite,
+        update=update_config, rank_map=rank_map, include=args.include, exclude=args.exclude,
+        stream=args.stream, dtype=args.dtype, calib=args.calib, calib_file=args.calib_file,
+        num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed,
+        batch_size=args.batch_size, calib_images=args.calib_images,
+        image_samples=args.image_samples, allow_external_images=args.allow_external_images,
+        evaluate=not args.no_eval, eval=args.eval, eval_file=args.eval_file,
+        eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
+        eval_images=args.eval_images)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, classes: list[type],
@@ -307,275 +317,16 @@ def _compress_settings(args: argparse.Namespace):
     return config, update_config, rank_map
 
 
-def _check_compress_args(args: argparse.Namespace, config) -> None:
-    """Checks, before the model is loaded, what needs no model: counts and lengths, that
-    the named input files exist, that ``--json`` can be written, and that ``--output`` may
-    be written (see :func:`rankcut.io.outputs.check_output`). Sets ``args.output`` to the
-    default folder when it was not given.
-
-    Raises:
-        ConfigError, CalibrationError: the first argument found wrong.
-    """
-    from . import models
-    from .io import outputs
-
-    _check_common_args(args, {"--num-samples": (args.num_samples, 1),
-                              "--seqlen": (args.seqlen, 2), "--batch-size": (args.batch_size, 1),
-                              "--eval-seqlen": (args.eval_seqlen, 2),
-                              "--max-windows": (args.max_windows, 1),
-                              "--image-samples": (args.image_samples, 0)},
-                       {"--calib-file": args.calib_file, "--eval-file": args.eval_file})
-    if args.calib_file and not _uses_calibration(args, config):
-        logger.warning("--calib-file %s is not used: method %s needs no calibration data",
-                       args.calib_file, config.name)
-    default = args.output is None
-    args.output = DEFAULT_OUTPUT if default else args.output
-    source = models.resolve_model_source(args.model)
-    inputs = [source] if Path(source).expanduser().exists() else []
-    outputs.check_output(args.output, inputs, overwrite=args.overwrite or default)
-    if Path(source).suffix != ".gguf":  # a GGUF's lengths are checked once it is loaded
-        _check_lengths(_compress_lengths(args, config), models.load_config(source))
-
-
 def _check_eval_args(args: argparse.Namespace) -> None:
     """``eval``'s checks before the model is loaded: window length and count, the
-    evaluation file, the ``--json`` path (see :func:`_check_common_args`)."""
-    _check_common_args(args, {"--seqlen": (args.eval_seqlen, 2),
-                              "--max-windows": (args.max_windows, 1)},
-                       {"--eval-file": args.eval_file})
-
-
-def _check_common_args(args: argparse.Namespace, counts: dict, files: dict) -> None:
-    """Checks what needs no model: each ``{flag: (value, least)}`` count (None = not given),
-    that each ``{flag: path}`` input file exists, and that ``--json`` can be written.
-
-    Raises:
-        ConfigError, CalibrationError: the first argument found wrong.
-    """
-    from .errors import CalibrationError, ConfigError
+    evaluation file, the ``--json`` path."""
     from .io.outputs import check_file_output
 
-    for flag, (value, least) in counts.items():
-        if value is not None and value < least:
-            raise ConfigError(f"{flag} must be at least {least}; got {value}")
-    for flag, path in files.items():
-        if path is not None and not Path(path).expanduser().is_file():
-            raise CalibrationError(f"{flag} {path}: file not found")
+    runner.check_counts({"--seqlen": (args.eval_seqlen, 2),
+                         "--max-windows": (args.max_windows, 1)},
+                        {"--eval-file": args.eval_file})
     if args.json:
         check_file_output(args.json)
-
-
-def _uses_calibration(args: argparse.Namespace, config) -> bool:
-    """Whether the method or the parameter update reads calibration windows."""
-    return config.needs_input_stats or config.needs_row_fisher or args.update != "none"
-
-
-def _compress_lengths(args: argparse.Namespace, config) -> dict[str, int]:
-    """The window lengths this run will use: calibration when it needs data, evaluation
-    unless ``--no-eval``."""
-    lengths = {}
-    if _uses_calibration(args, config):
-        lengths["--seqlen"] = args.seqlen
-    if not args.no_eval:
-        lengths["--eval-seqlen"] = args.eval_seqlen
-    return lengths
-
-
-def _check_lengths(lengths: dict[str, int], config) -> None:
-    """Refuses window lengths (``{flag: tokens}``) above the model's maximum positions.
-
-    Raises:
-        ConfigError: a window longer than ``max_position_embeddings``.
-    """
-    from .errors import ConfigError
-
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    for flag, value in lengths.items():
-        if limit is not None and value > limit:
-            raise ConfigError(f"{flag} {value} is above the model's {limit} maximum positions "
-                              "(max_position_embeddings)")
-
-
-def _compress_locked(args: argparse.Namespace, device: str, dtype, config, update_config,
-                     rank_map) -> None:
-    """The run itself, once the arguments are checked: load (or stream), calibrate,
-    compress, save, evaluate and print."""
-    import torch
-
-    from . import models
-    from .calibration import distributed
-    from .compression import pipeline, update
-    from .io import checkpoint
-    from .measure.inference import weight_bytes
-
-    rank = distributed.world()[0]
-    start = time.perf_counter()
-    if args.stream:
-        if update_config is not None and update_config.name == "lora":
-            raise update.ConfigError(
-                "--update lora is not supported with --stream: it trains the whole model at "
-                "once; use --update refit (block by block), or drop --stream where the model "
-                "fits in memory")
-        out, report, dense_ppl, ppl, dense_bytes, kept_bytes, captions = _compress_streamed(
-            args, config, rank_map, device, dtype, update_config)
-        if rank > 0:  # process 0 evaluates and writes; the others wait for it
-            return distributed.barrier()
-        return _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
-                                kept_bytes, start, device, captions)
-    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device)
-    checkpoint.check_saveable(model)  # before the calibration, not after it
-    _check_lengths(_compress_lengths(args, config), model.config)
-    _check_images(args, model, args.model)
-    calib = _calibration(args, config, tokenizer, update_config is not None)
-    eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
-    dense_ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
-    captions = None if args.no_eval or rank > 0 else _caption_records(args)
-    dense_captions = _caption_perplexity(model, tokenizer, captions)
-    dense_bytes = weight_bytes(model)
-    torch.manual_seed(args.seed)
-    report = pipeline.compress(model, config, calib, args.include, args.exclude, args.batch_size,
-                               rank_map=rank_map, update=update_config)
-    if rank > 0:  # process 0 evaluates and writes; the others wait for it
-        distributed.barrier()
-        return
-    out = checkpoint.save_pretrained(model, args.output, tokenizer)
-    ppl = None if eval_ids is None else _perplexity(model, eval_ids, args)
-    _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes,
-                     weight_bytes(model), start, device,
-                     (dense_captions, _caption_perplexity(model, tokenizer, captions)))
-
-
-def _calibration(args: argparse.Namespace, config, tokenizer, always: bool):
-    """The calibration: token windows, plus image-text samples with ``--calib-images``
-    (``tokenizer`` is then the model's processor); None when the method and update need
-    none."""
-    from .calibration import data, image_data
-
-    if not (config.needs_input_stats or config.needs_row_fisher or always):
-        return None
-    text = data.load_text(args.calib_file or args.calib, part="calib")
-    if not args.calib_images:
-        return data.calibration_batch(text_tokenizer(tokenizer), text, args.num_samples,
-                                      args.seqlen, args.seed)
-    images = (max(1, args.num_samples // 2) if args.image_samples is None
-              else args.image_samples)
-    return image_data.mixed_calibration(tokenizer, text, args.num_samples, args.seqlen,
-                                        args.seed, args.calib_images, images,
-                                        args.allow_external_images)
-
-
-def _check_images(args: argparse.Namespace, model, source) -> None:
-    """Refuses image options for a model without a vision side."""
-    from .errors import ConfigError
-    from .models import is_vision_language
-
-    for flag in ("calib_images", "eval_images"):
-        if getattr(args, flag, None) and not is_vision_language(model):
-            raise ConfigError(f"--{flag.replace('_', '-')} needs a vision-language model; "
-                              f"{source or 'the default model'} has no vision side")
-
-
-def _caption_records(args: argparse.Namespace):
-    from .calibration.image_data import image_text_source
-
-    return (image_text_source(args.eval_images, args.allow_external_images)
-            if args.eval_images else None)
-
-
-def _caption_perplexity(model, processor, records) -> float | None:
-    from .measure.evaluation import caption_perplexity
-
-    return None if records is None else caption_perplexity(model, processor, records).perplexity
-
-
-def _compress_streamed(args: argparse.Namespace, config, rank_map, device, dtype,
-                       update_config=None):
-    """``compress --stream``: compresses block by block from the shards (resuming an
-    interrupted run) and evaluates both models the same way.
-
-    Returns:
-        (output folder, report, dense perplexity, perplexity, dense bytes, output bytes).
-    """
-    import torch
-
-    from . import models
-    from .calibration import distributed
-    from .compression import streaming
-    from .errors import ModelLoadError
-    from .io import checkpoint
-
-    streaming.return_freed_memory()
-    folder = models.resolve_model_source(args.model)
-    if Path(folder).suffix == ".gguf":  # shards are needed: a cached one-time conversion
-        folder = str(models.gguf_as_folder(folder, dtype))
-    if not Path(folder).is_dir():
-        raise ModelLoadError(f"--stream needs a local Hugging Face folder; got {folder}")
-    model_config = models.load_config(folder)
-    _check_images(args, model_config, folder)
-    tokenizer = models.load_saved_tokenizer(folder, models.is_vision_language(model_config))
-    if tokenizer is None:
-        raise ModelLoadError(f"{folder} has no tokenizer files; --stream reads the tokenizer "
-                             "from the model folder")
-    calib = _calibration(args, config, tokenizer, always=False)
-    streaming.trim_heap()  # the tokenizer's work on the whole calibration text
-    rank = distributed.world()[0]
-    eval_ids = None if args.no_eval or rank > 0 else _eval_ids(args, tokenizer)
-
-    records = None if args.no_eval or rank > 0 else _caption_records(args)
-
-    def perplexity(path):
-        if eval_ids is None:
-            return None
-        return streaming.streamed_perplexity(path, eval_ids, args.eval_seqlen,
-                                             args.max_windows, dtype, device).perplexity
-
-    def caption_perplexity(path):
-        if records is None:
-            return None
-        return streaming.streamed_caption_perplexity(path, tokenizer, records, dtype,
-                                                     device).perplexity
-
-    dense_ppl, dense_captions = perplexity(folder), caption_perplexity(folder)
-    report = streaming.compress_streaming(folder, args.output, config, calib, tokenizer,
-                                          args.include, args.exclude, args.batch_size, dtype,
-                                          device, rank_map, update_config)
-    itemsize = torch.empty(0, dtype=dtype).element_size()  # the source as loaded
-    dense_bytes = sum(math.prod(shape) * itemsize
-                      for _, shape in checkpoint.tensor_specs(folder).values())
-    if rank > 0:
-        return Path(args.output), report, None, None, None, None, (None, None)
-    kept_bytes = sum(checkpoint.bytes_by_dtype(args.output).values())
-    return (Path(args.output), report, dense_ppl, perplexity(args.output), dense_bytes,
-            kept_bytes, (dense_captions, caption_perplexity(args.output)))
-
-
-def _finish_compress(args, config, out, report, dense_ppl, ppl, dense_bytes, kept_bytes,
-                     start, device, captions=(None, None)) -> None:
-    """Writes rank_map.json and the run's figures, prints the summary and closing table."""
-    from . import models
-    from .calibration import distributed
-
-    write_json(out / "rank_map.json", report.rank_map)
-    record = RunRecord(
-        model=args.model or models.DEFAULT_MODEL, method=config.name,
-        settings=config.settings(), output=str(out),
-        target_ratio=config.ratio, achieved_ratio=report.achieved_ratio,
-        achieved_byte_ratio=report.achieved_byte_ratio,
-        target_params_dense=report.dense_params, target_params_kept=report.kept_params,
-        model_bytes_dense=dense_bytes, model_bytes=kept_bytes, streamed=bool(args.stream),
-        dense_perplexity=dense_ppl, perplexity=ppl,
-        dense_caption_perplexity=captions[0], caption_perplexity=captions[1],
-        stage_losses=report.stage_losses,
-        update=report.update.settings if report.update else None,
-        update_log=report.update.log if report.update else [],
-        compress_seconds=report.seconds, wall_seconds=time.perf_counter() - start,
-        peak_rss_mb=peak_rss_mb(), device=device, dtype=args.dtype,
-        peak_gpu_mb=peak_gpu_mb(), processes=distributed.world()[1])
-    _print_module_summary(report)
-    _print_closing_table(record)
-    _write_json(out / RUN_FILE, record.to_json())
-    _write_json(args.json, record.to_json())
-    distributed.barrier()
 
 
 def _read_rank_map(path: str) -> dict:
@@ -593,49 +344,36 @@ def _read_rank_map(path: str) -> dict:
     return ranks
 
 
-def _eval_ids(args: argparse.Namespace, tokenizer):
-    from .calibration import data
-
-    text = data.load_text(args.eval_file or args.eval, part="test")
-    return data.eval_token_ids(text_tokenizer(tokenizer), text)
-
-
-def _perplexity(model, ids, args: argparse.Namespace) -> float:
-    from .measure.evaluation import evaluate
-
-    result = evaluate(model, ids, seqlen=args.eval_seqlen, max_windows=args.max_windows)
-    if result.nonfinite_windows:
-        logger.warning("windows with non-finite loss: %s", result.nonfinite_windows)
-    return result.perplexity
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     """Prints (and optionally writes) the perplexity of one model, or with ``--tasks`` its
     lm-eval task accuracies (and the perplexity too when --eval or --eval-file is given)."""
-    from . import models
+    from . import loading
+    from .calibration.image_data import image_text_source
     from .measure.evaluation import caption_perplexity, evaluate
 
     task_settings = _task_settings(args)
     _check_eval_args(args)
     device, dtype = _device(args)
-    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device,
+    model, tokenizer = loading.load_model(args.model, dtype=dtype, device=device,
                                        verify=args.verify)
     if not args.tasks or args.eval or args.eval_file:  # the perplexity windows are used
-        _check_lengths({"--seqlen": args.eval_seqlen}, model.config)
-    _check_images(args, model, args.model)
+        runner.check_lengths({"--seqlen": args.eval_seqlen}, model.config)
+    runner.check_images(None, args.eval_images, model, args.model)
     figures: dict = {"model": args.model}
     if not args.tasks or args.eval or args.eval_file:
         args.eval = args.eval or "wiki"
-        result = evaluate(model, _eval_ids(args, tokenizer), seqlen=args.eval_seqlen,
+        result = evaluate(model, runner.eval_ids(args.eval_file or args.eval, tokenizer),
+                          seqlen=args.eval_seqlen,
                           max_windows=args.max_windows)
         figures.update(perplexity=result.perplexity, nll=result.nll, windows=result.windows,
                        tokens=result.tokens, nonfinite_windows=result.nonfinite_windows)
     if args.eval_images:
-        captions = caption_perplexity(model, tokenizer, _caption_records(args))
+        records = image_text_source(args.eval_images, args.allow_external_images)
+        captions = caption_perplexity(model, tokenizer, records)
         figures.update(caption_perplexity=captions.perplexity, caption_tokens=captions.tokens)
     if args.tasks:
         figures.update(_run_tasks(model, tokenizer, args.tasks, task_settings))
-    figures["peak_rss_mb"] = peak_rss_mb()
+    figures["peak_rss_mb"] = runner.peak_rss_mb()
     _print_table({k: v for k, v in figures.items() if k not in ("tasks", "task_settings")})
     if args.tasks:
         from .measure.zeroshot import format_table
@@ -676,7 +414,7 @@ def _run_tasks(model, tokenizer, tasks: list[str], settings: dict) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Streams a greedy continuation of ``--prompt`` to stdout."""
-    from . import models
+    from . import loading
     from .errors import ConfigError
     from .measure.inference import generate
     from .nn.valuecache import enable_latent_values
@@ -684,7 +422,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
     device, dtype = _device(args)
-    model, tokenizer = models.load_model(args.model, dtype=dtype, device=device,
+    model, tokenizer = loading.load_model(args.model, dtype=dtype, device=device,
                                          verify=args.verify)
     if args.latent_values and not enable_latent_values(model):
         raise ConfigError("--latent-values: this model has no low-rank v_proj")
@@ -696,7 +434,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Times prefill and decode of the dense and the compressed model, interleaved, at every
     batch size × prompt length; prints the table and the decode speedup against the
     weight-bytes ratio."""
-    from . import models
+    from . import loading
     from .compression.pipeline import to_dense
     from .errors import ConfigError
     from .io.checkpoint import validate_checkpoint
@@ -709,16 +447,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         check_file_output(args.json)
     device, dtype = _device(args)
-    compressed, _ = models.load_model(args.model, dtype=dtype, device=device, verify=False)
+    compressed, _ = loading.load_model(args.model, dtype=dtype, device=device, verify=False)
     if args.dense:
-        dense, _ = models.load_model(args.dense, dtype=dtype, device=device,
+        dense, _ = loading.load_model(args.dense, dtype=dtype, device=device,
                                      verify=args.verify)
     else:
-        dense, _ = models.load_model(args.model, dtype=dtype, device=device, verify=False)
+        dense, _ = loading.load_model(args.model, dtype=dtype, device=device, verify=False)
         dense = to_dense(dense)
     contenders = {"dense": dense, "compressed": compressed}
     if args.latent_values:
-        latent, _ = models.load_model(args.model, dtype=dtype, device=device, verify=False)
+        latent, _ = loading.load_model(args.model, dtype=dtype, device=device, verify=False)
         if not enable_latent_values(latent):
             raise ConfigError("--latent-values: this checkpoint has no low-rank v_proj")
         contenders["compressed+latent-v"] = latent
@@ -788,10 +526,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         CheckpointError: the checkpoint is missing, partial or corrupt.
         ModelLoadError: its tokenizer files are there but cannot be loaded.
     """
+    from .architecture import is_vision_language
     from .compression.pipeline import to_dense
     from .io.checkpoint import from_pretrained
     from .io.outputs import check_output, output_lock, write_dir_atomically
-    from .models import is_vision_language, load_saved_tokenizer
+    from .loading import load_saved_tokenizer
 
     check_output(args.output, [args.path], overwrite=args.overwrite)
     with output_lock(args.output):
@@ -838,20 +577,6 @@ def ensure_assets(vlm: bool = False) -> dict[str, Path]:
         paths.update({f"vlm-{name}": ensure_test_vlm(name) for name in LAYOUTS})
         paths.update(photos=ensure_photos(), **{"easy-vqa": ensure_easy_vqa()})
     return paths
-
-
-def peak_rss_mb() -> float:
-    """Returns this process's peak resident memory in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_gpu_mb() -> float | None:
-    """Returns the peak CUDA memory allocated by this process in MiB (None without CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _print_module_summary(report) -> None:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .architecture import block_number, module_type
 from .errors import ReportError
 from .io.checkpoint import BENCH_FILE, RUN_FILE
 from .io.outputs import OUTPUT_MARKER
 from .io.records import RunRecord, number
-from .models import block_number, module_type
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..architecture import text_tokenizer
 from ..errors import AssetError, CalibrationError, UnsupportedModelError
 from ..io.atomic import write_text
-from ..models import text_tokenizer
 from ..offline.assets import (
     COMPLETE_MARKER,
     WheelMember,

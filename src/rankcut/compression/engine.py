@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..architecture import block_index, find_decoder_blocks
 from ..calibration import distributed
 from ..calibration.blocks import capture_block_inputs, kwarg_sources
 from ..calibration.data import IGNORE, as_calibration
@@ -69,7 +70,6 @@ from ..io.checkpoint import (
     safetensors_problem,
 )
 from ..methods import MethodConfig, method_spec
-from ..models import block_index, find_decoder_blocks
 from ..nn.modules import LowRankLinear
 from .workfolder import WorkFolder, load_tensors, save_tensors
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..architecture import select_targets
 from ..calibration import distributed
 from ..calibration.data import Calibration, as_calibration
 from ..core.allocation import uniform_ranks
 from ..methods import MethodConfig
-from ..models import select_targets
 from ..nn.modules import LowRankLinear
 from .correction import correct
 from .engine import (

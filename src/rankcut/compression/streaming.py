@@ -35,6 +35,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..architecture import (
+    auto_model_class,
+    block_index,
+    find_decoder_blocks,
+    is_vision_language,
+    select_targets,
+)
 from ..calibration import distributed
 from ..calibration.data import IGNORE, Calibration, as_calibration
 from ..errors import CalibrationError, ConfigError, ModelLoadError
@@ -45,16 +52,9 @@ from ..io.checkpoint import (
     write_dir_atomically,
 )
 from ..io.outputs import check_replaceable
+from ..loading import check_safetensors_folder
 from ..measure.evaluation import PerplexityResult, split_windows, summarize
 from ..methods import MethodConfig
-from ..models import (
-    auto_model_class,
-    block_index,
-    check_safetensors_folder,
-    find_decoder_blocks,
-    is_vision_language,
-    select_targets,
-)
 from ..nn.modules import LowRankLinear
 from .engine import (
     BlockRun,

@@ -498,7 +498,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
     from transformers import AutoConfig
 
-    from ..models import auto_model_class, is_vision_language
+    from ..architecture import auto_model_class, is_vision_language
 
     vlm = is_vision_language(AutoConfig.from_pretrained(str(path)))
     model = auto_model_class(vlm).from_pretrained(str(path), **kwargs)

