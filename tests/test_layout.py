@@ -7,6 +7,11 @@ from pathlib import Path
 import rankcut
 
 SRC = Path(rankcut.__file__).parent
+#: The layers of the README's Architecture section, in order: each imports only from the
+#: ones before it (a package's own modules aside).
+LAYERS = ["_version", "errors", "core", "methods", "nn", "architecture", "io", "offline",
+          "loading", "calibration", "measure", "compression", "runner", "report", "cli",
+          "__init__"]
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -88,3 +93,15 @@ def test_no_private_name_is_imported_from_another_module():
                if source.startswith("rankcut") and taken and taken.startswith("_")
                and not taken.startswith("__")]
     assert private == []
+
+
+def test_every_package_imports_only_from_earlier_layers():
+    trees = _modules()
+    layer = {name: name.split(".")[1] if "." in name else "__init__" for name in trees}
+    wrong = sorted({(layer[name], layer[source])
+                    for name, (path, tree) in trees.items()
+                    for source, _ in _imports(name, path, tree, set(trees))
+                    if source in trees and layer[source] != layer[name]
+                    and LAYERS.index(layer[source]) > LAYERS.index(layer[name])})
+    assert set(layer.values()) <= set(LAYERS)
+    assert wrong == []
