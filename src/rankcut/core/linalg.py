@@ -119,14 +119,12 @@ class SecondMoment:
         if free:
             self.panels = None
         full = torch.empty(n, n, dtype=torch.float64, device=self.abs_sum.device)
-        for i in range(len(panels)):
-            panel, rows = panels[i], i * TILE
-            stop = rows + panel.shape[0]
+        for i, panel in enumerate(panels):
+            rows, stop = i * TILE, i * TILE + panel.shape[0]
             full[rows:stop, :stop] = panel
             full[:rows, rows:stop] = panel[:, :rows].T
             if free:
-                panels[i] = None
-            del panel
+                panels[i] = None  # the loop variable is the last reference left
         return full
 
     def mean_abs(self) -> torch.Tensor:
