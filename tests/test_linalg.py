@@ -71,6 +71,13 @@ def test_failed_in_place_cholesky_is_undone_and_damped_like_the_copying_path(cap
     torch.testing.assert_close(in_place.root, copying.root, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize(("n", "tile"), [(37, 8), (9, 64)])
+def test_in_place_symmetrizing_equals_the_copying_one(n, tile):
+    r = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    expected = linalg._checked_symmetric(r)
+    assert torch.equal(linalg._checked_symmetric(r.clone(), overwrite=True, tile=tile), expected)
+
+
 def test_empty_second_moment_raises():
     with pytest.raises(ValueError, match="no calibration tokens"):
         linalg.SecondMoment.zeros(3).mean()
@@ -174,3 +181,50 @@ def test_column_and_row_scaling_are_undone_by_factors():
     for dec in (linalg.decompose(w, column_scale=col), linalg.decompose(w, row_scale=row)):
         w_u, w_v = dec.factors(min(w.shape))
         torch.testing.assert_close(w_u @ w_v, w, atol=1e-9, rtol=1e-9)
+
+
+def _anchored_pair(seed=4):
+    """W, the original inputs X and the compressed model's inputs X′ (X plus a
+    correlated error, as an upstream truncation leaves)."""
+    w, x = _data(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_prime = x + 0.3 * x @ torch.randn(16, 16, generator=g, dtype=torch.float64) / 4
+    return w, x, x_prime
+
+
+def _anchored(w, x, x_prime):
+    whitening = linalg.cholesky_whitening(_moment(x_prime).mean())
+    return linalg.decompose(w, input_whitening=whitening, cross=x.T @ x_prime / x.shape[0])
+
+
+@pytest.mark.parametrize("rank", [1, 6, 12])
+def test_anchored_truncation_loss_is_the_dropped_sigma_above_the_optimum(rank):
+    w, x, x_prime = _anchored_pair()
+    tokens = x.shape[0]
+    decomposition = _anchored(w, x, x_prime)
+    target = x @ w.T  # the original layer on the original inputs
+    optimum = torch.linalg.lstsq(x_prime, target).solution.T  # unconstrained best W′
+    floor = (target - x_prime @ optimum.T).square().sum() / tokens
+    w_u, w_v = decomposition.factors(rank)
+    error = (target - x_prime @ (w_u @ w_v).T).square().sum() / tokens
+    assert float(error - floor) == pytest.approx(decomposition.truncation_loss(rank), rel=1e-8)
+    # the anchored cut beats SVD-LLM's on the anchored error, which SVD-LLM does not see
+    plain = linalg.decompose(w, input_whitening=linalg.cholesky_whitening(_moment(x).mean()))
+    p_u, p_v = plain.factors(rank)
+    assert error < (target - x_prime @ (p_u @ p_v).T).square().sum() / tokens
+
+
+def test_anchored_objective_reduces_to_svd_llm_when_the_inputs_agree():
+    w, x = _data(seed=5)
+    anchored = _anchored(w, x, x)
+    plain = linalg.decompose(w, input_whitening=linalg.cholesky_whitening(_moment(x).mean()))
+    torch.testing.assert_close(anchored.sigma, plain.sigma, rtol=1e-9, atol=1e-12)
+    a_u, a_v = anchored.factors(7)
+    p_u, p_v = plain.factors(7)
+    torch.testing.assert_close(a_u @ a_v, p_u @ p_v, rtol=1e-8, atol=1e-10)
+
+
+def test_anchored_objective_needs_a_whitening():
+    w, x = _data()
+    with pytest.raises(ValueError, match="whitening"):
+        linalg.decompose(w, cross=x.T @ x)

@@ -235,18 +235,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def _compress_job(args: argparse.Namespace) -> runner.CompressJob:
-    """The job of ``compress``'s flags (see :func:`_compress_settings`)."""
+    """The job of ``compress``'s flags: the settings of :func:`_compress_settings`, and
+    every other job field from the flag of the same name."""
     config, update_config, rank_map = _compress_settings(args)
-    return runner.CompressJob(
-        config=config, model=args.model, output=args.output, overwrite=args.overwrite,
-        update=update_config, rank_map=rank_map, include=args.include, exclude=args.exclude,
-        stream=args.stream, dtype=args.dtype, calib=args.calib, calib_file=args.calib_file,
-        num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size, calib_images=args.calib_images,
-        image_samples=args.image_samples, allow_external_images=args.allow_external_images,
-        evaluate=not args.no_eval, eval=args.eval, eval_file=args.eval_file,
-        eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
-        eval_images=args.eval_images)
+    parsed = {"config": config, "update": update_config, "rank_map": rank_map,
+              "evaluate": not args.no_eval}
+    return runner.CompressJob(**parsed, **{f.name: getattr(args, f.name)
+                                           for f in fields(runner.CompressJob)
+                                           if f.name not in parsed})
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, classes: list[type],

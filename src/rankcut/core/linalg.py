@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -247,17 +248,22 @@ def _cholesky_lower_in_place(r: torch.Tensor, tile: int = TILE) -> bool:
     return True
 
 
+def _lower_tiles(n: int, tile: int) -> Iterator[tuple[slice, slice]]:
+    """Yields (rows, cols) slices of the tiles on and below the diagonal of an n×n matrix."""
+    for i in range(0, n, tile):
+        for j in range(0, i + 1, tile):
+            yield slice(i, i + tile), slice(j, j + tile)
+
+
 def _mirror_upper_to_lower(r: torch.Tensor, tile: int = TILE) -> None:
     """Rebuilds R's strict lower triangle from its strict upper one, tile by tile (R's
     diagonal is restored by the caller)."""
-    n = r.shape[0]
-    for i in range(0, n, tile):
-        for j in range(0, i + 1, tile):
-            target, source = r[i:i + tile, j:j + tile], r[j:j + tile, i:i + tile]
-            if i == j:
-                target.copy_(source.triu(1) + source.triu(1).T + target.diagonal().diag())
-            else:
-                target.copy_(source.T)
+    for rows, cols in _lower_tiles(r.shape[0], tile):
+        target, source = r[rows, cols], r[cols, rows]
+        if rows == cols:
+            target.copy_(source.triu(1) + source.triu(1).T + target.diagonal().diag())
+        else:
+            target.copy_(source.T)
 
 
 def eigen_whitening(r: torch.Tensor, floor: float = 1e-8) -> Whitening:
@@ -292,7 +298,7 @@ def floored(values: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
     return values.clamp_min(floor * float(values.max().clamp_min(torch.finfo(values.dtype).tiny)))
 
 
-def _checked_symmetric(r: torch.Tensor, overwrite: bool = False, tile: int = 1024
+def _checked_symmetric(r: torch.Tensor, overwrite: bool = False, tile: int = TILE
                        ) -> torch.Tensor:
     """Returns (R + Rᵀ)/2 in float64; with ``overwrite`` a float64 R is symmetrized in
     place, tile by tile (the same values, without an n×n temporary)."""
@@ -301,12 +307,11 @@ def _checked_symmetric(r: torch.Tensor, overwrite: bool = False, tile: int = 102
         raise ValueError("statistics matrix contains NaN or infinity (non-finite activations)")
     if not overwrite:
         return (r + r.T).mul_(0.5)
-    for i in range(0, r.shape[0], tile):
-        for j in range(i, r.shape[0], tile):
-            upper, lower = r[i:i + tile, j:j + tile], r[j:j + tile, i:i + tile]
-            mean = (upper + lower.T).mul_(0.5)
-            upper.copy_(mean)
-            lower.copy_(mean.T)
+    for rows, cols in _lower_tiles(r.shape[0], tile):
+        lower, upper = r[rows, cols], r[cols, rows]
+        mean = (lower + upper.T).mul_(0.5)
+        lower.copy_(mean)
+        upper.copy_(mean.T)
     return r
 
 
@@ -358,6 +363,7 @@ def decompose(
     output_whitening: Whitening | None = None,
     column_scale: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
 ) -> Decomposition:
     """Computes the SVD of W in the basis given by whitening and/or diagonal scalings.
 
@@ -365,22 +371,36 @@ def decompose(
     absent part taken as the identity. Diagonal scalings are folded into a whitening so that
     ``Decomposition.factors`` undoes them.
 
+    With ``cross`` (the anchored objective, min ‖W X − W′ X′‖ over rank-r W′, the layer fed
+    the compressed model's inputs X′ but fit to the original output W X): S is the root of
+    R′ = E[x′x′ᵀ] and A = Tᵀ W C S⁻ᵀ with C = E[x x′ᵀ]. The factors then give W′ = Z S⁻¹
+    for the best rank-r Z, and the error above the unconstrained optimum W C R′⁻¹ is Σ of
+    the dropped σ². With X′ = X, C = R = S Sᵀ and A = Tᵀ W S: SVD-LLM.
+
     Args:
         weight: m×n weight (any float dtype; computed in float64).
         input_whitening: S with S Sᵀ = R, or None.
         output_whitening: T with T Tᵀ = C, or None.
         column_scale: n positive scales (ASVD), or None.
         row_scale: m positive scales (FWSVD), or None.
+        cross: C = E[x x′ᵀ], n×n, for the anchored objective (needs ``input_whitening``).
 
     Returns:
         The decomposition; no side effects.
+
+    Raises:
+        ValueError: ``cross`` without ``input_whitening``.
     """
     a = weight.detach().to(torch.float64)
     if column_scale is not None:
         input_whitening = _diagonal_whitening(column_scale.to(a.device))
     if row_scale is not None:
         output_whitening = _diagonal_whitening(row_scale.to(a.device))
-    if input_whitening is not None:
+    if cross is not None:
+        if input_whitening is None:
+            raise ValueError("the anchored objective needs the compressed inputs' whitening")
+        a = input_whitening.left_inverse((a @ cross.to(a)).T).T  # W C S⁻ᵀ
+    elif input_whitening is not None:
         a = a @ input_whitening.root
     if output_whitening is not None:
         a = output_whitening.root.T @ a
