@@ -102,6 +102,7 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
         row.update(achieved_ratio=report.achieved_ratio,
                    achieved_byte_ratio=report.achieved_byte_ratio, compress_seconds=report.seconds,
                    kept_by_type=kept_by_type(report), stage_losses=report.stage_losses,
+                   anchor_log=report.anchor_log,
                    update_log=report.update.log if report.update else [])
     test = data.eval_token_ids(tokenizer, data.load_text(args.eval_file or "wiki", "test"))
     result = rankcut.evaluate(model, test, seqlen=args.eval_seqlen, max_windows=args.max_windows)
@@ -159,7 +160,7 @@ def run_one_streamed(args: argparse.Namespace, method: str | None, ratio: float 
             row.update(achieved_ratio=report.achieved_ratio,
                        achieved_byte_ratio=report.achieved_byte_ratio,
                        compress_seconds=report.seconds, kept_by_type=kept_by_type(report),
-                       stage_losses=report.stage_losses,
+                       stage_losses=report.stage_losses, anchor_log=report.anchor_log,
                        update_log=report.update.log if report.update else [],
                        peak_rss_mb=peak_rss_mb())
         result = streaming.streamed_perplexity(folder, test, args.eval_seqlen, args.max_windows,

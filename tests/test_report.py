@@ -246,6 +246,9 @@ def test_run_record_is_the_one_contract_between_compress_and_report():
     old = RunRecord.from_json({"method": "svd-llm", "target_ratio": 0.4, "perplexity": 479.9,
                                "an_old_key": 1, "compress_seconds": "n/a"})
     assert (old.label, old.achieved_ratio, old.compress_seconds) == ("svd-llm", None, None)
+    anchored = RunRecord(method="svd-llm", target_ratio=0.4, perplexity=1.0,
+                         settings={"objective": "anchored"}, update={"name": "refit"})
+    assert anchored.label == "svd-llm+anchored+refit"
     with pytest.raises(ValueError, match="missing \\['perplexity'\\]"):
         RunRecord.from_json({"method": "svd", "target_ratio": 0.2})
     assert not RunRecord.matches([1, 2]) and not RunRecord.matches({"rows": []})

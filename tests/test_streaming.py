@@ -99,6 +99,10 @@ CASES = [
     ("llama", "svd-llm", {"update": "compressed"}),
     ("gemma3", "io-svd", {"update": "original", "remap": "classic"}),
     ("opt", "zero-sum", {"update": "original", "stages": 2}),
+    # the anchored objective: after uniform ranks, after a global selection, before a refit
+    ("llama", "svd-llm", {"objective": "anchored"}),
+    ("qwen2", "io-svd", {"objective": "anchored"}),
+    ("gemma3", "svd-llm", {"objective": "anchored", "update": "original"}),
 ]
 
 
@@ -131,6 +135,9 @@ def test_streamed_factors_equal_in_memory(tmp_path, calib_ids, kind, method, set
             e["module"] for e in expected.update.log]
         assert [e["error_after"] for e in report.update.log] == pytest.approx(
             [e["error_after"] for e in expected.update.log], rel=1e-4, abs=1e-9)
+    assert [e["error_after"] for e in report.anchor_log] == pytest.approx(
+        [e["error_after"] for e in expected.anchor_log], rel=1e-4, abs=1e-9)
+    assert bool(report.anchor_log) == (settings.get("objective") == "anchored")
     assert report.achieved_ratio == pytest.approx(expected.achieved_ratio)
     if include:
         assert report.rank_map["lm_head"] is not None or method in ("zero-sum", "io-svd")
@@ -216,7 +223,9 @@ RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
            # of its blocks and head module
            ("zero-sum", {"include": HEAD_TOO, "stages": 3, "head_rank": 8}, "stage", 2),
            # the refit: killed after its first block (both streams are work files)
-           ("svd-llm", {"update": "original"}, "refit", 1)]
+           ("svd-llm", {"update": "original"}, "refit", 1),
+           # the anchored re-cut: killed after its first block
+           ("svd-llm", {"objective": "anchored"}, "anchor", 1)]
 
 
 @pytest.mark.parametrize("method,settings,step,at", RESUMED,

@@ -9,9 +9,9 @@ import torch
 
 import rankcut
 from rankcut.cli import main
+from rankcut.compression.blockpass import PairedMoments
 from rankcut.compression.update import (
     LoRAUpdateConfig,
-    PairedMoments,
     RefitConfig,
     make_update,
     refit_factor,

@@ -178,7 +178,7 @@ def run(job: CompressJob, device: str) -> tuple[RunRecord, Any] | None:
         settings=job.config.settings(), output=str(out), target_ratio=job.config.ratio,
         achieved_ratio=report.achieved_ratio, achieved_byte_ratio=report.achieved_byte_ratio,
         target_params_dense=report.dense_params, target_params_kept=report.kept_params,
-        streamed=job.stream, stage_losses=report.stage_losses,
+        streamed=job.stream, stage_losses=report.stage_losses, anchor_log=report.anchor_log,
         update=report.update.settings if report.update else None,
         update_log=report.update.log if report.update else [],
         compress_seconds=report.seconds, wall_seconds=time.perf_counter() - start,

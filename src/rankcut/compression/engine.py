@@ -117,6 +117,7 @@ class CompressionReport:
     modules: list[ModuleResult] = field(default_factory=list)
     seconds: float = 0.0
     stage_losses: list[float] = field(default_factory=list)  # calibration loss after stage k
+    anchor_log: list[dict] = field(default_factory=list)  # the anchored re-cut, per layer
     update: UpdateReport | None = None  # the parameter update run after truncation, if any
 
     @property
@@ -177,6 +178,9 @@ def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
     if update is not None and update.name == "lora" and calibration.has_images:
         raise ConfigError("the lora update trains on text only; drop --calib-images or use "
                           "--update refit")
+    if getattr(config, "anchored", False) and distributed.world()[1] > 1:
+        raise ConfigError("the anchored objective is not distributed yet; run it in one "
+                          "process (without torchrun)")
     if update is not None and distributed.world()[1] > 1:
         raise ConfigError(f"the {update.name} update is not distributed; run it in one process "
                           "(without torchrun)")
@@ -701,8 +705,9 @@ class BlockRun:
         go back to when it is damaged: rewriting it when ``rewritable``."""
         if distributed.world()[0] != 0 and not self.durable:
             return []
-        # a corrected or refitted block cannot be written again from the stored factors
-        rewritable = rewritable and not (self.work.done("stage") or self.work.done("refit"))
+        # a corrected, re-cut or refitted block cannot be written again from the factors
+        rewritable = rewritable and not any(self.work.done(step)
+                                            for step in ("stage", "anchor", "refit"))
         return [(self.work.where("blocks", f"block-{i:05d}"), ("written", i) if rewritable
                  else None) for i in range(self.work.done("written"))]
 

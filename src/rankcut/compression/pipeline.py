@@ -26,6 +26,7 @@ from ..calibration.data import Calibration, as_calibration
 from ..core.allocation import uniform_ranks
 from ..methods import MethodConfig
 from ..nn.modules import LowRankLinear
+from .blockpass import anchor_blocks
 from .correction import correct
 from .engine import (
     BlockRun,
@@ -131,7 +132,8 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
                     rank_map: dict[str, int | None] | None,
                     refit: bool = False) -> BlockRun:
     """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``, then
-    runs its correction stages (``rankcut.compression.correction``) when it has them.
+    runs its correction stages (``rankcut.compression.correction``) when it has them, or
+    the anchored re-cut (``blockpass.anchor_blocks``) with ``objective="anchored"``.
 
     Side effects: swaps the factorized layers into ``sm.model`` (and has the executor keep
     each compressed block: a shard in ``work`` when streamed); frees the replaced layers'
@@ -155,7 +157,8 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
     """
     batches, grad_batches = _calibration_batches(config, calibration, batch_size)
     run = BlockRun(sm, work, config, targets, batches, grad_batches)
-    run.durable = run.correcting or refit
+    anchored = getattr(config, "anchored", False)
+    run.durable = run.correcting or refit or anchored
     if config.needs_output_stats and calibration is not None:
         grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
         run.idle_steps = distributed.idle_steps(
@@ -179,6 +182,8 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
         _untie_head(sm.model)
     if run.correcting:
         report.stage_losses = correct(run, ranks, plans)
+    if anchored:
+        report.anchor_log = anchor_blocks(run, calibration, batch_size)
     report.modules = [ModuleResult(**{**r, "shape": tuple(r["shape"])})
                       for r in work.progress["results"]]
     return run

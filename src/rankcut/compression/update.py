@@ -16,6 +16,7 @@ Both keep ranks and int8 layouts; int8 rows are quantized again from the updated
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -24,14 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import distributed
-from ..calibration.blocks import run_block
 from ..calibration.data import Calibration, as_calibration
 from ..errors import ConfigError
 from ..methods import setting
 from ..nn.modules import LowRankLinear
-from .engine import BlockRun, UpdateReport, save_block
-from .workfolder import load_tensors, save_tensors
+from .blockpass import PairedMoments, rework_blocks, swap_factors
+from .engine import BlockRun, UpdateReport
 
 logger = logging.getLogger(__name__)
 
@@ -152,47 +151,6 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
 # ---------------------------------------------------------------- closed-form refit
 
 
-@dataclass
-class PairedMoments:
-    """Second moments of a layer's compressed-model inputs x_c and, when the target is the
-    original model's stream, of its original inputs x_o.
-
-    Attributes:
-        cc: Σ x_c x_cᵀ (n×n float64).
-        oo, oc: Σ x_o x_oᵀ and Σ x_o x_cᵀ; None when the target is the compressed stream
-            itself (x_o = x_c), where both equal ``cc``.
-        count: tokens.
-    """
-
-    cc: torch.Tensor
-    oo: torch.Tensor | None = None
-    oc: torch.Tensor | None = None
-    count: int = 0
-
-    @classmethod
-    def zeros(cls, n: int, device: torch.device | str = "cpu",
-              paired: bool = True) -> PairedMoments:
-        """Empty moments for inputs of dimension ``n`` (``paired=False``: x_o = x_c)."""
-        def zero():
-            return torch.zeros(n, n, dtype=torch.float64, device=device)
-        return cls(zero(), zero(), zero()) if paired else cls(zero())
-
-    def update(self, x_c: torch.Tensor, x_o: torch.Tensor | None = None) -> None:
-        """Adds one batch of inputs (``x_o``: the same tokens in the original model, needed
-        when paired). Mutates self."""
-        c = x_c.reshape(-1, x_c.shape[-1]).to(self.cc.device, torch.float32)
-        self.cc.add_(c.T @ c)
-        if self.oo is not None:
-            o = x_o.reshape(-1, x_o.shape[-1]).to(self.cc.device, torch.float32)
-            self.oo.add_(o.T @ o)
-            self.oc.add_(o.T @ c)
-        self.count += c.shape[0]
-
-    def target_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (Σ x_o x_oᵀ, Σ x_o x_cᵀ), which are Σ x_c x_cᵀ when unpaired."""
-        return (self.cc, self.cc) if self.oo is None else (self.oo, self.oc)
-
-
 def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
                  moments: PairedMoments, damping: float = 1e-6
                  ) -> tuple[torch.Tensor, float, float, float]:
@@ -233,16 +191,14 @@ def refit_factor(weight: torch.Tensor, w_u: torch.Tensor, w_v: torch.Tensor,
 def refit_blocks(run: BlockRun, config: RefitConfig, calibration: Calibration,
                  batch_size: int) -> list[dict]:
     """Refits W_u of every factorized layer in the decoder blocks, block by block in forward
-    order, over the executor of ``run`` (the compression's block run).
+    order, over the executor of ``run`` (the compression's block run): a
+    :func:`~rankcut.compression.blockpass.rework_blocks` pass.
 
     A layer's input is the compressed stream x_c *after* the layers before it (earlier
     blocks, and earlier layers of its own block such as q/k/v before o_proj) were refitted.
     Its target is the original layer applied to that input (``target="compressed"``) or,
     with ``target="original"``, the original layer's output on the original model's
-    stream (the block is also run with the original layers, rebuilt from the work
-    folder). Layers that read the same input (q/k/v, gate/up) are refitted together from
-    one pass. Both streams and each block's recorded original inputs are work files, so
-    memory holds one block and one batch.
+    stream.
 
     Side effects: the refitted blocks replace the compressed ones (in the model, and in the
     work folder's shards); every block is committed (a rerun resumes).
@@ -250,168 +206,11 @@ def refit_blocks(run: BlockRun, config: RefitConfig, calibration: Calibration,
     Returns:
         One {module, error_before, error_after, relative_after} entry per refitted layer.
     """
-    sm, work = run.sm, run.work
-    refit = BlockRun(sm, work, None, run.targets, distributed.my_batches(calibration,
-                                                                        batch_size))
-    refit.compressed = True
-    log = list(work.progress.get("refit_log", []))
-    _finish_refit_moves(work)
-    first = not work.done("refit")
-    refit.kwargs(write_inputs=first)
-    if first and config.target == "original":  # both streams start at the same inputs
-        for b in range(len(refit.batches)):
-            save_tensors(work.file("acts-original", 0, b), {"h": refit.acts(0, b)})
-    ranks = {r["name"]: r["rank"] for r in work.progress["results"]}
-    for index in tqdm(range(work.done("refit"), len(sm.blocks)), desc="refit blocks",
-                      unit="block"):
-        block = refit.block(index)
-        names = [n for n in run.by_block.get(index, [])
-                 if isinstance(sm.model.get_submodule(n), LowRankLinear)]
-        if config.target == "original":
-            _original_stream(refit, block, index, names)
-        for group in _shared_input_groups(block, names, sm.model, (refit.acts(index, 0),
-                                          refit.kwargs()[0]), refit.sources[index]):
-            moments = _paired_moments(refit, block, index, group, config.target == "original")
-            for name in group:
-                original = load_tensors(work.file("originals", name))["w"]
-                log.append(_refit_layer(sm.model, name, original, moments[name], config))
-        refit.forward(block, index)
-        save_block(work, "refitted", sm, index, ranks)
-        work.commit(refit=index + 1, refit_log=log)
-        _finish_refit_moves(work)
-        for kind in ("acts", "acts-original", "seen"):
-            work.drop(kind, index)
-        sm.release(block)
-    for kind in ("acts", "acts-original"):
-        work.drop(kind)
-    return log
+    return rework_blocks(run, "refit", calibration, batch_size, config.target == "original",
+                         functools.partial(_refit_layer, config=config))
 
 
-def _finish_refit_moves(work) -> None:
-    """Moves the committed refitted blocks over the compressed ones (a run killed between a
-    commit and its move finishes it) and drops an uncommitted one."""
-    work.move_files("refitted", "blocks",
-                    lambda shard: int(shard.stem.split("-")[1]) < work.done("refit"))
-
-
-def _original_layers(work, block_names: list[str], model: nn.Module) -> dict[str, nn.Linear]:
-    """The original dense layers of ``block_names`` (weights from the work folder, biases
-    as the factorized layers kept them)."""
-    layers = {}
-    for name in block_names:
-        low_rank = model.get_submodule(name)
-        weight = load_tensors(work.file("originals", name), low_rank.weight_u.device)["w"]
-        layer = nn.Linear(low_rank.in_features, low_rank.out_features,
-                          bias=low_rank.bias is not None, device="meta")
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        if low_rank.bias is not None:
-            layer.bias = nn.Parameter(low_rank.bias.detach().clone(), requires_grad=False)
-        layers[name] = layer
-    return layers
-
-
-def _original_stream(run: BlockRun, block: nn.Module, index: int, names: list[str]) -> None:
-    """Runs ``block`` with its original layers on the original stream: writes each named
-    layer's input per batch (seen/<block>/<batch>; an input several layers share, under
-    the first of them) and the block's outputs as the next block's original inputs."""
-    model, work = run.sm.model, run.work
-    compressed = {name: model.get_submodule(name) for name in names}
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            seen[name] = args[0]  # the tensor itself: shared inputs are told by identity
-        return record
-
-    _swap(model, _original_layers(work, names, model))
-    handles = _hooked(model, names, hook)
-    try:
-        with torch.no_grad():
-            for b in range(len(run.batches)):
-                hidden = load_tensors(work.file("acts-original", index, b), run.sm.device)["h"]
-                out = run.run(block, index, b, hidden)
-                save_tensors(work.file("acts-original", index + 1, b), {"h": out})
-                distinct: dict[str, torch.Tensor] = {}  # a shared input (q/k/v) once
-                for name, tensor in seen.items():
-                    if not any(tensor is kept for kept in distinct.values()):
-                        distinct[name] = tensor
-                save_tensors(work.file("seen", index, b), distinct)
-                seen.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-        _swap(model, compressed)
-
-
-def _hooked(model: nn.Module, names: list[str], make_hook):
-    """Registers ``make_hook(name)`` as a forward hook on each named module; returns the
-    handles."""
-    return [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
-
-
-def _shared_input_groups(block, names: list[str], model, batch, source) -> list[list[str]]:
-    """Runs ``block`` on one batch and groups ``names`` in call order by shared input
-    tensor (q/k/v together, gate/up together). The tensors are kept until grouped: an id
-    alone could be reused by a later input once the earlier tensor is freed."""
-    order: list[tuple[str, torch.Tensor]] = []
-
-    def hook(name):
-        def record(module, args, output):
-            order.append((name, args[0]))
-        return record
-
-    handles = _hooked(model, names, hook)
-    try:
-        with torch.no_grad():
-            run_block(block, [batch], source)
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    for position, (name, tensor) in enumerate(order):
-        if position and tensor is order[position - 1][1]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups
-
-
-def _paired_moments(run: BlockRun, block, index: int, names: list[str], paired: bool
-                    ) -> dict[str, PairedMoments]:
-    """Runs ``block`` on the compressed stream and accumulates the inputs of the layers
-    ``names``, paired (``paired``) with their original inputs recorded for the same batch.
-    Returns {layer: PairedMoments}."""
-    model = run.sm.model
-    layers = {name: model.get_submodule(name) for name in names}
-    moments = {name: PairedMoments.zeros(layer.in_features, layer.weight_u.device,
-                                         paired=paired)
-               for name, layer in layers.items()}
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args, output):  # the group's first layer holds a shared input
-            moments[name].update(args[0].detach(), current.get(name, current.get(names[0])))
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            for b in range(len(run.batches)):
-                if paired:
-                    current = load_tensors(run.work.file("seen", index, b), run.sm.device)
-                run.run(block, index, b)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return moments
-
-
-def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    for name, module in modules.items():
-        model.set_submodule(name, module)
-
-
-def _refit_layer(model, name, weight: torch.Tensor, moments: PairedMoments,
+def _refit_layer(model: nn.Module, name: str, weight: torch.Tensor, moments: PairedMoments,
                  config: RefitConfig) -> dict:
     """Refits one layer's W_u (``weight``: the original layer's) and swaps the rebuilt
     layer in; returns its log entry."""
@@ -419,9 +218,7 @@ def _refit_layer(model, name, weight: torch.Tensor, moments: PairedMoments,
     w_u, w_v = layer.factors()
     new_u, before, after, scale = refit_factor(weight, w_u, w_v, moments, config.damping)
     if new_u is not w_u:
-        rebuilt = LowRankLinear.from_factors(new_u, w_v, layer.bias, dtype=w_u.dtype,
-                                             plan=layer.plan)
-        model.set_submodule(name, rebuilt.to(w_u.device))
+        swap_factors(model, name, new_u, w_v)
     relative = after / max(scale, 1e-300)
     logger.info("refit %s: error %.4g -> %.4g (relative %.4f)", name, before, after, relative)
     return {"module": name, "error_before": before, "error_after": after,

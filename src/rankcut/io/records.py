@@ -29,6 +29,7 @@ class RunRecord:
         dense_perplexity, perplexity: perplexity before and after (None: not measured).
         dense_caption_perplexity, caption_perplexity: the same given the image (VLMs).
         stage_losses: the calibration loss after each correction stage.
+        anchor_log: the anchored re-cut's error before and after, per layer.
         update, update_log: the parameter update's settings and log.
         compress_seconds, wall_seconds: compression time, and the whole command's.
         peak_rss_mb, peak_gpu_mb: peak memory of the process.
@@ -52,6 +53,7 @@ class RunRecord:
     dense_caption_perplexity: float | None = None
     caption_perplexity: float | None = None
     stage_losses: list = field(default_factory=list)
+    anchor_log: list = field(default_factory=list)
     update: dict | None = None
     update_log: list = field(default_factory=list)
     compress_seconds: float | None = None
@@ -89,10 +91,14 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        """The method, or ``method+update`` when a parameter update ran."""
+        """The method, with ``+anchored`` for the anchored objective and ``+<update>``
+        when a parameter update ran (``svd-llm+anchored+refit``)."""
+        parts = [self.method]
+        if isinstance(self.settings, dict) and self.settings.get("objective") == "anchored":
+            parts.append("anchored")
         if isinstance(self.update, dict) and self.update.get("name"):
-            return f"{self.method}+{self.update['name']}"
-        return self.method
+            parts.append(self.update["name"])
+        return "+".join(parts)
 
 
 def number(value: Any) -> float | None:

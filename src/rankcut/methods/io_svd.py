@@ -62,6 +62,9 @@ class IOSVDConfig(ZeroSumConfig):
             raise ConfigError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.remap is not None and self.remap not in REMAPS:
             raise ConfigError(f"unknown remap {self.remap!r}; choose one of {', '.join(REMAPS)}")
+        if self.remap is not None and self.anchored:
+            raise ConfigError("the anchored objective keeps 16-bit factors: it chooses no int8 "
+                              "rows; drop --remap or use --objective plain")
 
     @property
     def needs_loss_gradients(self) -> bool:

@@ -12,7 +12,9 @@ import torch
 
 from ..core import linalg
 from ..errors import ConfigError
-from .base import MethodConfig, MethodSpec
+from .base import MethodConfig, MethodSpec, setting
+
+OBJECTIVES = ("plain", "anchored")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,20 @@ class SVDLLMConfig(MethodConfig):
 
     name: ClassVar[str] = "svd-llm"
     needs_input_stats: ClassVar[bool] = True
+    objective: str = setting("plain", "plain: fit W x on the original inputs; anchored: then "
+                             "cut each layer again at its rank in forward order, fitting W x "
+                             "from inputs x' of the compressed model (AA-SVD)", OBJECTIVES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of "
+                              f"{', '.join(OBJECTIVES)}")
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the layers are cut again by the anchored objective once ranks are set."""
+        return self.objective == "anchored"
 
 
 @dataclass(frozen=True)

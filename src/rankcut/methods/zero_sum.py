@@ -42,6 +42,9 @@ class ZeroSumConfig(SVDLLMConfig):
             raise ConfigError("zero-sum selects ranks globally and cannot run sequentially")
         if self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.anchored and self.stages > 1:
+            raise ConfigError("the anchored objective cuts the layers again once; it does not "
+                              "combine with correction stages (use --stages 1)")
         for key in ("min_rank", "stages", "grad_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1; got {getattr(self, key)}")
