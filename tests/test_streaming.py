@@ -103,14 +103,20 @@ CASES = [
     ("llama", "svd-llm", {"objective": "anchored"}),
     ("qwen2", "io-svd", {"objective": "anchored"}),
     ("gemma3", "svd-llm", {"objective": "anchored", "update": "original"}),
+    # block refinement, norms too
+    ("qwen2", "io-svd", {"block": {"epochs": 2, "lr": 1e-3, "norms": True,
+                                    "held_out": 2, "batch_size": 2}}),
 ]
 
 
 def _update_of(settings: dict):
-    """Pops the test case's refit target (None: no update) and returns the update."""
+    """Pops the test case's refit target or block refinement settings (None: no update)
+    and returns the update."""
     from rankcut.compression.update import make_update
 
-    target = settings.pop("update", None)
+    target, block = settings.pop("update", None), settings.pop("block", None)
+    if block is not None:
+        return make_update("block", **block)
     return make_update("refit", target=target) if target else None
 
 
@@ -131,8 +137,8 @@ def test_streamed_factors_equal_in_memory(tmp_path, calib_ids, kind, method, set
         assert len(report.stage_losses) == config.stages  # the stages ran, and were kept
     assert report.rank_map == expected.rank_map
     if update is not None:
-        assert [e["module"] for e in report.update.log] == [
-            e["module"] for e in expected.update.log]
+        assert [e.get("module", e.get("block")) for e in report.update.log] == [
+            e.get("module", e.get("block")) for e in expected.update.log]
         assert [e["error_after"] for e in report.update.log] == pytest.approx(
             [e["error_after"] for e in expected.update.log], rel=1e-4, abs=1e-9)
     assert [e["error_after"] for e in report.anchor_log] == pytest.approx(
@@ -196,7 +202,9 @@ def commit_then_die(self, **updates):
 streaming.WorkFolder.commit = commit_then_die
 settings = json.loads(sys.argv[7])
 include, target = settings.pop("include", None), settings.pop("update", None)
+block = settings.pop("block", None)
 update = make_update("refit", target=target) if target else None
+update = make_update("block", **block) if block else update
 rank_map = json.loads(sys.argv[8])
 config = methods.make_config(sys.argv[5], ratio=0.3, **settings)
 ids = torch.load(sys.argv[6])
@@ -225,7 +233,10 @@ RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
            # the refit: killed after its first block (both streams are work files)
            ("svd-llm", {"update": "original"}, "refit", 1),
            # the anchored re-cut: killed after its first block
-           ("svd-llm", {"objective": "anchored"}, "anchor", 1)]
+           ("svd-llm", {"objective": "anchored"}, "anchor", 1),
+           # block refinement: killed after its first block
+           ("svd-llm", {"block": {"epochs": 2, "lr": 1e-3, "held_out": 2, "batch_size": 2}},
+            "refine", 1)]
 
 
 @pytest.mark.parametrize("method,settings,step,at", RESUMED,
@@ -307,7 +318,7 @@ def test_cli_stream_refuses_lora_before_any_work(tmp_path, calib_file, capsys):
                  "--output", str(tmp_path / "out")]) != 0
     assert "--update lora is not supported with --stream" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*rankcut-work"))
-    with pytest.raises(ConfigError, match="use the refit update"):
+    with pytest.raises(ConfigError, match="use the refit or block update"):
         streaming.compress_streaming(src, tmp_path / "out", methods.make_config("svd"), None,
                                      update=update_module.make_update("lora"))
 

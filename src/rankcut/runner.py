@@ -93,7 +93,7 @@ def check(job: CompressJob) -> CompressJob:
                  {"--calib-file": job.calib_file, "--eval-file": job.eval_file})
     if job.update is not None and job.update.name == "lora" and job.stream:
         raise ConfigError("--update lora is not supported with --stream: it trains the whole "
-                          "model at once; use --update refit (block by block), or drop "
+                          "model at once; use --update refit or block (block by block), or drop "
                           "--stream where the model fits in memory")
     if job.calib_file and not job.uses_calibration:
         logger.warning("--calib-file %s is not used: method %s needs no calibration data",

@@ -35,10 +35,12 @@ from .workfolder import load_tensors, save_tensors
 logger = logging.getLogger(__name__)
 
 #: The work folder kind where each pass writes its new blocks until they are committed.
-_NEW_BLOCKS = {"refit": "refitted", "anchor": "anchored"}
+_NEW_BLOCKS = {"refit": "refitted", "anchor": "anchored", "refine": "refined"}
 
 #: (model, layer name, its original weight, its moments) -> log entry; swaps the layer.
 LayerRework = Callable[[nn.Module, str, torch.Tensor, "PairedMoments"], dict]
+#: (the pass's block run, the block, its index, its factorized layers) -> log entry.
+BlockRework = Callable[[BlockRun, nn.Module, int, list[str]], dict]
 
 
 @dataclass
@@ -83,10 +85,12 @@ class PairedMoments:
 
 
 def rework_blocks(run: BlockRun, step: str, calibration: Calibration, batch_size: int,
-                  paired: bool, rework_layer: LayerRework) -> list[dict]:
+                  paired: bool, rework_layer: LayerRework | None,
+                  rework_block: BlockRework | None = None) -> list[dict]:
     """Runs one pass over the compressed decoder blocks of ``run`` in forward order, calling
     ``rework_layer`` on every factorized layer with its moments (``paired``: with the
-    original stream's), group by group (see the module docstring).
+    original stream's), group by group (see the module docstring), or ``rework_block`` on
+    each whole block (its original outputs are then the work files acts-original/<i+1>).
 
     Args:
         run: the compression's block run (it must have kept its blocks and the original
@@ -97,7 +101,8 @@ def rework_blocks(run: BlockRun, step: str, calibration: Calibration, batch_size
         paired: also run the original blocks on the original stream and pair each layer's
             inputs with their originals (the moments' ``oo`` and ``oc``).
         rework_layer: changes one layer given its original weight and moments; returns its
-            log entry.
+            log entry (None: no layer is changed one by one).
+        rework_block: changes one block after its layers; returns its log entry.
 
     Side effects: the new blocks replace the compressed ones (in the model, and in the work
     folder's shards); every block is committed (a rerun resumes). Memory holds one block
@@ -125,12 +130,16 @@ def rework_blocks(run: BlockRun, step: str, calibration: Calibration, batch_size
                  if isinstance(sm.model.get_submodule(n), LowRankLinear)]
         if paired:
             _original_stream(again, block, index, names)
-        for group in _shared_input_groups(block, names, sm.model, (again.acts(index, 0),
-                                          again.kwargs()[0]), again.sources[index]):
+        groups = [] if rework_layer is None else _shared_input_groups(
+            block, names, sm.model, (again.acts(index, 0), again.kwargs()[0]),
+            again.sources[index])
+        for group in groups:
             moments = _paired_moments(again, block, index, group, paired)
             for name in group:
                 original = load_tensors(work.file("originals", name))["w"]
                 log.append(rework_layer(sm.model, name, original, moments[name]))
+        if rework_block is not None:
+            log.append(rework_block(again, block, index, names))
         again.forward(block, index)
         save_block(work, _NEW_BLOCKS[step], sm, index, ranks)
         work.commit(**{step: index + 1, f"{step}_log": log})

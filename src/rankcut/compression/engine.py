@@ -707,7 +707,7 @@ class BlockRun:
             return []
         # a corrected, re-cut or refitted block cannot be written again from the factors
         rewritable = rewritable and not any(self.work.done(step)
-                                            for step in ("stage", "anchor", "refit"))
+                                            for step in ("stage", "anchor", "refit", "refine"))
         return [(self.work.where("blocks", f"block-{i:05d}"), ("written", i) if rewritable
                  else None) for i in range(self.work.done("written"))]
 

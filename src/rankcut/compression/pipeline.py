@@ -36,7 +36,7 @@ from .engine import (
     ResidentModel,
     check_inputs,
 )
-from .update import RefitConfig, UpdateConfig, apply_update
+from .update import BLOCKWISE, UpdateConfig, apply_update
 from .workfolder import WorkFolder
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
         work = WorkFolder(Path(folder) / "run", "resident")
         run = compress_blocks(ResidentModel(model), work, report, config, targets, calibration,
-                              batch_size, rank_map, refit=isinstance(update, RefitConfig))
+                              batch_size, rank_map, refit=isinstance(update, BLOCKWISE))
         if update is not None:
             report.update = apply_update(run, update, calibration, batch_size)
     report.seconds = time.perf_counter() - start

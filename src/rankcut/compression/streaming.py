@@ -66,7 +66,7 @@ from .engine import (
     save_block,
 )
 from .pipeline import compress_blocks
-from .update import RefitConfig, UpdateConfig, apply_update
+from .update import BLOCKWISE, UpdateConfig, apply_update
 from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     PROGRESS,
     WORK_SUFFIX,
@@ -362,7 +362,8 @@ def compress_streaming(
         output: the checkpoint folder to write.
         config, calibration, include, exclude, batch_size, rank_map: as for
             ``pipeline.compress``.
-        update: the closed-form refit after truncation (``update.RefitConfig``), run block
+        update: the closed-form refit or the block refinement after truncation
+            (``update.BLOCKWISE``), run block
             by block too, or None.
         tokenizer: saved into ``output`` when given.
         dtype: dtype of the loaded weights and of the output.
@@ -376,10 +377,10 @@ def compress_streaming(
             ``pipeline.compress``.
         ModelLoadError, CalibrationError, UnsupportedModelError: as ``pipeline.compress``.
     """
-    if update is not None and not isinstance(update, RefitConfig):
+    if update is not None and not isinstance(update, BLOCKWISE):
         raise ConfigError(f"the {update.name} update is not supported with streaming: it "
-                          "trains the whole model at once; use the refit update (block by "
-                          "block), or compress in memory")
+                          "trains the whole model at once; use the refit or block update "
+                          "(block by block), or compress in memory")
     calibration = None if calibration is None else as_calibration(calibration)
     sm = StreamedModel(source, dtype, device)
     output = Path(output)

@@ -31,6 +31,7 @@ from ..methods import setting
 from ..nn.modules import LowRankLinear
 from .blockpass import PairedMoments, rework_blocks, swap_factors
 from .engine import BlockRun, UpdateReport
+from .refine import BlockRefineConfig, refine_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,11 @@ class LoRAUpdateConfig:
         return {"name": self.name, **asdict(self)}
 
 
-UpdateConfig = RefitConfig | LoRAUpdateConfig
-UPDATES: dict[str, type] = {RefitConfig.name: RefitConfig, LoRAUpdateConfig.name: LoRAUpdateConfig}
+UpdateConfig = RefitConfig | BlockRefineConfig | LoRAUpdateConfig
+UPDATES: dict[str, type] = {cls.name: cls for cls in (RefitConfig, BlockRefineConfig,
+                                                      LoRAUpdateConfig)}
+#: The updates that run block by block over the engine's executor (in memory and streamed).
+BLOCKWISE = (RefitConfig, BlockRefineConfig)
 
 
 def make_update(name: str | None, **settings: Any) -> UpdateConfig | None:
@@ -140,6 +144,8 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
     calibration = as_calibration(calibration)
     if isinstance(config, RefitConfig):
         log = refit_blocks(run, config, calibration, batch_size)
+    elif isinstance(config, BlockRefineConfig):
+        log = refine_blocks(run, config, calibration)
     elif calibration.has_images:
         raise ConfigError("the lora update trains on text only; drop --calib-images or use "
                           "--update refit")

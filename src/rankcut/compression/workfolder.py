@@ -111,7 +111,8 @@ class WorkFolder:
 
 
 #: Progress entries that are not step counts.
-_NOT_STEPS = ("fingerprint", "results", "stage_losses", "anchor_log", "refit_log")
+_NOT_STEPS = ("fingerprint", "results", "stage_losses", "anchor_log", "refit_log",
+              "refine_log")
 
 
 def _steps(progress: dict) -> str:
@@ -133,7 +134,7 @@ def _progress_problem(progress: object) -> str | None:
     losses = progress.get("stage_losses", [])
     if not isinstance(losses, list) or not all(isinstance(x, (int, float)) for x in losses):
         return "the stage losses are not a list of numbers"
-    for key in ("results", "anchor_log", "refit_log"):
+    for key in ("results", "anchor_log", "refit_log", "refine_log"):
         entries = progress.get(key, [])
         if not isinstance(entries, list) or not all(isinstance(r, dict) for r in entries):
             return f"the {key} entries are not a list of objects"

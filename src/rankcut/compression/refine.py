@@ -1,0 +1,225 @@
+"""Block-wise refinement after truncation (``--update block``), after AA-SVD (arXiv
+2604.02119) and LiLlama (arXiv 2412.16719).
+
+In forward order, each compressed decoder block is tuned so that its output on the
+compressed model's stream matches the original block's output on the original stream:
+AdamW on the mean squared error, over the factors of its low-rank layers (and, with
+``norms``, its norm weights). The calibration batches are split into training batches and a
+held-out slice; the held-out error is measured before training and after every epoch, the
+best epoch's parameters are kept, and a block whose held-out error never improves keeps
+its closed-form factors, so the refinement never makes a block worse on held-out windows.
+It runs as a :func:`~rankcut.compression.blockpass.rework_blocks` pass, so memory holds one
+block and one batch, in memory and streamed alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..methods import setting
+from ..nn.modules import LowRankLinear
+from .blockpass import rework_blocks
+from .engine import BlockRun
+from .workfolder import load_tensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockRefineConfig:
+    """Block-wise refinement of the factors after truncation.
+
+    Attributes:
+        epochs: passes over the training batches per block.
+        lr: AdamW's peak learning rate (10% linear warm-up, cosine decay to a tenth).
+        batch_size: calibration samples per optimizer step.
+        held_out: calibration samples held out to pick the best epoch (the last ones).
+        norms: also tune the block's norm weights.
+        weight_decay: AdamW's weight decay.
+        seed: seed of the training batch order.
+    """
+
+    name: ClassVar[str] = "block"
+    epochs: int = setting(5, "epochs of block refinement (passes over the training batches)")
+    lr: float = setting(1e-4, "peak AdamW learning rate of block refinement")
+    batch_size: int = setting(4, "calibration samples per block refinement step")
+    held_out: int = setting(8, "calibration samples held out to choose the best epoch")
+    norms: bool = setting(False, "also tune the block's norm weights")
+    weight_decay: float = setting(0.0, "AdamW weight decay of block refinement")
+    seed: int = setting(0, "seed of the block refinement's batch order")
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "held_out"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"block {key} must be at least 1; got {getattr(self, key)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"block lr must be a positive number; got {self.lr!r}")
+        if not 0.0 <= self.weight_decay < 1.0:
+            raise ConfigError(f"block weight_decay must be in [0, 1); got {self.weight_decay!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the stage name and settings as a JSON-ready dict."""
+        return {"name": self.name, **asdict(self)}
+
+
+def refine_blocks(run: BlockRun, config: BlockRefineConfig, calibration) -> list[dict]:
+    """Refines every compressed decoder block of ``run`` in forward order (see the module
+    docstring). Side effects: the refined blocks replace the compressed ones; every block
+    is committed (a rerun resumes).
+
+    Returns:
+        One {block, error_before, error_after, best_epoch, curve} entry per block: the
+        held-out mean squared error of the closed-form block, of the kept one, and after
+        every epoch.
+
+    Raises:
+        ConfigError: fewer calibration samples than ``held_out`` plus one batch.
+    """
+    samples = calibration.shape[0]
+    if samples < config.held_out + config.batch_size:
+        raise ConfigError(f"block refinement holds out {config.held_out} of {samples} "
+                          f"calibration samples and needs at least one batch of "
+                          f"{config.batch_size} more; raise --num-samples or lower "
+                          "--block-held-out / --block-batch-size")
+
+    def refine(again: BlockRun, block: nn.Module, index: int, names: list[str]) -> dict:
+        return refine_block(again, block, index, names, config)
+
+    return rework_blocks(run, "refine", calibration, config.batch_size, True, None, refine)
+
+
+def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
+                 config: BlockRefineConfig) -> dict:
+    """Tunes block ``index`` (its low-rank layers ``names`` of ``run.sm.model``) on the
+    compressed stream against the original block's outputs (work files acts-original);
+    keeps the best held-out epoch. Returns the block's log entry."""
+    model = run.sm.model
+    held = max(1, math.ceil(config.held_out / config.batch_size))
+    train, test = list(range(len(run.batches) - held)), list(range(len(run.batches) - held,
+                                                                  len(run.batches)))
+    pairs = {name: TrainablePair.of(model.get_submodule(name)) for name in names}
+    originals = {name: model.get_submodule(name) for name in names}
+    for name, pair in pairs.items():
+        model.set_submodule(name, pair)
+    params = [p for pair in pairs.values() for p in pair.parameters()]
+    if config.norms:
+        params += [m.weight for m in block.modules() if _is_norm(m)]
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        curve = [_held_out_error(run, block, index, test)]
+        best, kept = curve[0], _snapshot(params)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = _warmup_cosine(optimizer, config.epochs * len(train))
+        order = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        for _ in range(config.epochs):
+            for position in torch.randperm(len(train), generator=order).tolist():
+                b = train[position]
+                loss = F.mse_loss(run.run(block, index, b).float(), _target(run, index, b))
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"block {index} refinement: the loss became non-finite; "
+                                      "lower --block-lr")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            curve.append(_held_out_error(run, block, index, test))
+            if curve[-1] < best:
+                best, kept = curve[-1], _snapshot(params)
+        _restore(params, kept)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for name, pair in pairs.items():
+            model.set_submodule(name, pair.to_low_rank(originals[name]))
+    epoch = curve.index(best)
+    logger.info("block %d refined: held-out error %.4g -> %.4g (epoch %d of %d)", index,
+                curve[0], best, epoch, config.epochs)
+    return {"block": index, "error_before": curve[0], "error_after": best,
+            "best_epoch": epoch, "curve": curve}
+
+
+class TrainablePair(nn.Module):
+    """A low-rank layer's factors as two float32 parameters for training (input and output
+    in the layer's dtype); :meth:`to_low_rank` rebuilds the layer, int8 rows quantized
+    again from the trained factors."""
+
+    def __init__(self, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_u = nn.Parameter(w_u.detach().float().clone())
+        self.weight_v = nn.Parameter(w_v.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+
+    @classmethod
+    def of(cls, layer: LowRankLinear) -> TrainablePair:
+        """The pair of ``layer``'s (dequantized) factors."""
+        w_u, w_v = layer.factors()
+        return cls(w_u, w_v, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.float(), self.weight_v), self.weight_u,
+                        self.bias).to(x.dtype)
+
+    def to_low_rank(self, layer: LowRankLinear) -> LowRankLinear:
+        """The ``LowRankLinear`` of these factors, with ``layer``'s dtype, device and int8
+        layout."""
+        bias = None if self.bias is None else self.bias.detach().to(layer.weight_u.dtype)
+        rebuilt = LowRankLinear.from_factors(self.weight_u.detach(), self.weight_v.detach(),
+                                             bias, dtype=layer.weight_u.dtype, plan=layer.plan)
+        return rebuilt.to(layer.weight_u.device)
+
+
+def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
+    """The original block's output on the original stream for batch ``b``."""
+    return load_tensors(run.work.file("acts-original", index + 1, b), run.sm.device)["h"].float()
+
+
+def _held_out_error(run: BlockRun, block: nn.Module, index: int, batches: list[int]) -> float:
+    """Mean squared error of the block's outputs on the held-out batches (no gradients)."""
+    with torch.no_grad():
+        errors = [F.mse_loss(run.run(block, index, b).float(), _target(run, index, b),
+                             reduction="sum").item() for b in batches]
+        elements = sum(_target(run, index, b).numel() for b in batches)
+    return sum(errors) / elements
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer with a weight (RMSNorm, LayerNorm)."""
+    return "norm" in type(module).__name__.lower() and isinstance(
+        getattr(module, "weight", None), nn.Parameter)
+
+
+def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value)
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """10% linear warm-up, then a cosine decay to a tenth of the peak (AA-SVD's schedule)."""
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
