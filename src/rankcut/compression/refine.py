@@ -188,11 +188,13 @@ def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
 
 def _held_out_error(run: BlockRun, block: nn.Module, index: int, batches: list[int]) -> float:
     """Mean squared error of the block's outputs on the held-out batches (no gradients)."""
+    total, elements = 0.0, 0
     with torch.no_grad():
-        errors = [F.mse_loss(run.run(block, index, b).float(), _target(run, index, b),
-                             reduction="sum").item() for b in batches]
-        elements = sum(_target(run, index, b).numel() for b in batches)
-    return sum(errors) / elements
+        for b in batches:
+            target = _target(run, index, b)
+            total += F.mse_loss(run.run(block, index, b).float(), target, reduction="sum").item()
+            elements += target.numel()
+    return total / elements
 
 
 def _is_norm(module: nn.Module) -> bool:
