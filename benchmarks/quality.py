@@ -10,7 +10,8 @@ tokens of the wiki test part. Each run is a separate process, so its peak RSS is
 A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequential``);
 ``name:key=value`` sets any other (e.g. ``zero-sum:stages=3:rule=least-sensitive``).
 ``+update`` adds a parameter update after truncation, with its own settings
-(``svd-llm+refit``, ``svd-llm+lora:steps=40``).
+(``svd-llm+refit``, ``svd-llm+lora:steps=40``), or a block-wise update then lora
+(``io-svd+block:lr=1e-3+lora``).
 A vision-language model adds image-text calibration and the caption perplexity:
 
     .venv/bin/python benchmarks/quality.py --model smollm2-llava --methods io-svd \
@@ -122,11 +123,13 @@ def method_configs(method: str, ratio: float):
     method_part, _, update_part = method.partition("+")
     name, *flags = method_part.split(":")
     config = rankcut.make_config(name, ratio=ratio, **dict(map(parse_setting, flags)))
-    update = None
-    if update_part:
-        update_name, *update_flags = update_part.split(":")
-        update = make_update(update_name, **dict(map(parse_setting, update_flags)))
-    return config, update
+    if not update_part:
+        return config, None
+    steps = [part.split(":") for part in update_part.split("+")]
+    prefix = (lambda name, key: f"{name}_{key}") if len(steps) > 1 else (lambda name, key: key)
+    settings = {prefix(name, key): value for name, *flags in steps
+                for key, value in map(parse_setting, flags)}
+    return config, make_update("+".join(name for name, *_ in steps), **settings)
 
 
 def run_one_streamed(args: argparse.Namespace, method: str | None, ratio: float | None) -> dict:

@@ -21,12 +21,12 @@ def ids():
     return torch.randint(0, VOCAB, (12, 32), generator=torch.Generator().manual_seed(2))
 
 
-def _refined(ids, method="svd-llm", **settings):
+def _refined(ids, method="svd-llm", remap=None, ratio=0.5, **settings):
     model = tiny_model("llama")
     update = make_update("block", **{"epochs": 3, "lr": 1e-3, "held_out": 4, "batch_size": 4,
                                      **settings})
-    report = rankcut.compress(model, make_config(method, ratio=0.5), ids, batch_size=4,
-                              update=update)
+    config = make_config(method, ratio=ratio, **({"remap": remap} if remap else {}))
+    report = rankcut.compress(model, config, ids, batch_size=4, update=update)
     return model, report
 
 
@@ -92,3 +92,87 @@ def test_cli_update_block_writes_its_curve(model_dir, calib_file, tmp_path):
     figures = json.loads(run.read_text())
     assert figures["update"]["name"] == "block" and figures["update"]["epochs"] == 2
     assert figures["update_log"] and all(len(e["curve"]) == 3 for e in figures["update_log"])
+
+
+def test_block_then_lora_runs_both_steps_in_order(ids):
+    """``block+lora``: the block refinement's entries, then the LoRA steps, each tagged
+    with its step; LoRA starts from the refined blocks (its first loss, taken before any
+    step with the adapters at zero, is the refined model's loss on that batch)."""
+    block = {"epochs": 2, "lr": 1e-3, "held_out": 4}
+    chain = make_update("block+lora", lora_steps=2, lora_batch_size=4,
+                        **{f"block_{k}": v for k, v in block.items()})
+    assert chain.name == "block+lora" and chain.whole_model
+    assert [s["name"] for s in chain.settings()["steps"]] == ["block", "lora"]
+    config = make_config("svd-llm", ratio=0.5)
+    report = rankcut.compress(tiny_model("llama"), config, ids, batch_size=4, update=chain)
+    assert [e["update"] for e in report.update.log] == ["block"] * 2 + ["lora"] * 4
+    assert report.update.settings["name"] == "block+lora"
+    first = ids[torch.randint(ids.shape[0], (4,), generator=torch.Generator().manual_seed(0))]
+    refined, plain = tiny_model("llama"), tiny_model("llama")
+    rankcut.compress(refined, config, ids, batch_size=4, update=make_update("block", **block))
+    rankcut.compress(plain, config, ids, batch_size=4)
+    with torch.no_grad():
+        losses = [float(m(input_ids=first, labels=first).loss) for m in (refined, plain)]
+    assert report.update.log[2]["loss"] == pytest.approx(losses[0], rel=1e-5, abs=0)
+    assert abs(losses[0] - losses[1]) > 1e-5 * losses[1]
+
+
+def test_update_chains_are_checked(model_dir, tmp_path):
+    from rankcut import cli, runner
+    from rankcut.compression.update import LoRAUpdateConfig, UpdateChain
+
+    with pytest.raises(ConfigError, match="unknown update 'lora\\+block'"):
+        make_update("lora+block")
+    with pytest.raises(ConfigError, match="prefix each setting"):
+        make_update("block+lora", epochs=2)
+    with pytest.raises(ConfigError, match="block-wise update .* then lora"):
+        UpdateChain((LoRAUpdateConfig(), LoRAUpdateConfig()))
+    with pytest.raises(ConfigError, match="--update block\\+lora is not supported with "
+                                          "--stream"):
+        runner.check(runner.CompressJob(make_config("svd-llm", ratio=0.3), model=str(model_dir),
+                                        stream=True, update=make_update("block+lora")))
+    parser = cli.build_parser()
+    args = parser.parse_args(["compress", "--update", "block+lora", "--block-epochs", "3",
+                              "--lora-steps", "7"])
+    _, update, _ = cli._compress_settings(args)
+    assert (update.steps[0].epochs, update.steps[1].steps) == (3, 7)
+    args = parser.parse_args(["compress", "--update", "block", "--lora-steps", "7"])
+    with pytest.raises(ConfigError, match="--lora-steps needs --update lora"):
+        cli._compress_settings(args)
+
+
+def test_kl_weighted_refinement_uses_the_io_svd_metric(ids):
+    """``weight="kl"`` tunes io-svd's blocks in its output metric: the held-out curve is
+    in that metric (not the plain error's), never worse than the closed form; methods
+    without the metric are refused before any work."""
+    _, plain = _refined(ids, method="io-svd")
+    _, weighted = _refined(ids, method="io-svd", weight="kl")
+    for a, b in zip(plain.update.log, weighted.update.log, strict=True):
+        assert b["error_after"] <= b["error_before"]
+        assert abs(a["error_before"] - b["error_before"]) > 1e-3 * a["error_before"]
+    assert any(e["error_after"] < 0.99 * e["error_before"] for e in weighted.update.log)
+    with pytest.raises(ConfigError, match="--block-weight kl weights the block error by "
+                                          "IO-SVD's output metric"):
+        _refined(ids, method="svd-llm", weight="kl")
+    with pytest.raises(ConfigError, match="block weight must be 'mse' or 'kl'"):
+        make_update("block", weight="l1")
+
+
+def test_int8_rows_are_requantized_or_kept_frozen(ids):
+    """With a remap, ``int8="frozen"`` leaves every int8 vector and scale as the closed
+    form stored it, while the 16-bit factors are tuned; the default trains them too."""
+    def int8_buffers(model):
+        return {k: v for k, v in model.state_dict().items() if "int8" in k or "scale" in k}
+
+    plain = tiny_model("llama")
+    rankcut.compress(plain, make_config("io-svd", ratio=0.8, remap="classic"), ids,
+                     batch_size=4)
+    before = int8_buffers(plain)
+    assert before
+    frozen, report = _refined(ids, method="io-svd", remap="classic", ratio=0.8, int8="frozen")
+    assert any(e["best_epoch"] > 0 for e in report.update.log)
+    assert all(torch.equal(v, before[k]) for k, v in int8_buffers(frozen).items())
+    assert any(not torch.equal(v, plain.state_dict()[k])
+               for k, v in frozen.state_dict().items() if k not in before)
+    trained, _ = _refined(ids, method="io-svd", remap="classic", ratio=0.8)
+    assert any(not torch.equal(v, before[k]) for k, v in int8_buffers(trained).items())

@@ -234,9 +234,10 @@ RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
            ("svd-llm", {"update": "original"}, "refit", 1),
            # the anchored re-cut: killed after its first block
            ("svd-llm", {"objective": "anchored"}, "anchor", 1),
-           # block refinement: killed after its first block
-           ("svd-llm", {"block": {"epochs": 2, "lr": 1e-3, "held_out": 2, "batch_size": 2}},
-            "refine", 1)]
+           # block refinement (KL-weighted: the metric files are work files too): killed
+           # after its first block
+           ("io-svd", {"block": {"epochs": 2, "lr": 1e-3, "held_out": 2, "batch_size": 2,
+                                 "weight": "kl"}}, "refine", 1)]
 
 
 @pytest.mark.parametrize("method,settings,step,at", RESUMED,

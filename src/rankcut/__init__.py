@@ -9,6 +9,7 @@ The verbs::
     model = rankcut.from_pretrained("out")        # or AutoModelForCausalLM after import
     dense = rankcut.to_dense(model)
     rankcut.evaluate(model, eval_ids)
+    config, update = rankcut.recipe_configs("best", ratio=0.4)  # then compress(..., update=update)
 
 Importing rankcut registers its quantizer with transformers (side effect), so that
 ``AutoModelForCausalLM.from_pretrained`` rebuilds rankcut checkpoints.
@@ -22,6 +23,7 @@ from .loading import load_model
 from .measure.evaluation import evaluate
 from .methods import METHODS, make_config
 from .nn.modules import LowRankLinear
+from .recipes import recipe_configs
 
 register_with_transformers()
 
@@ -35,6 +37,7 @@ __all__ = [
     "from_pretrained",
     "load_model",
     "make_config",
+    "recipe_configs",
     "save_pretrained",
     "to_dense",
 ]

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser with one sub-command per verb."""
-    from .compression.update import UPDATES
+    from .compression.update import UPDATE_NAMES, UPDATES
     from .methods import DEFAULT_METHOD, METHODS
+    from .recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog="rankcut", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=3)
     c.add_argument("--batch-size", type=int, default=8)
     _add_setting_flags(c, [spec.config_cls for spec in METHODS.values()])
-    c.add_argument("--update", default="none", choices=["none", *UPDATES],
-                   help="parameter update after truncation: closed-form refit of W_u, or "
-                        "sequential LoRA on W_u then W_v (any method)")
+    c.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a preset of method, settings and update (best: the most accurate "
+                        "measured; flags given explicitly win); the run record shows the "
+                        "expanded settings")
+    c.add_argument("--update", default="none", choices=["none", *UPDATE_NAMES],
+                   help="parameter update after truncation (any method): closed-form refit "
+                        "of W_u, block refinement, sequential LoRA on W_u then W_v, or a "
+                        "block-wise update then lora")
     for name, update_cls in UPDATES.items():
         _add_setting_flags(c, [update_cls], prefix=f"{name}_")
     c.add_argument("--rank-map", default=None, metavar="FILE",
@@ -294,20 +300,24 @@ def _compress_settings(args: argparse.Namespace):
     Raises:
         ConfigError: a setting out of range, or one that its method or update does not take.
     """
-    from . import methods
+    from . import methods, recipes
     from .calibration import distributed
     from .compression import update
 
+    if args.recipe:
+        recipes.expand_flags(args.recipe, args, methods.DEFAULT_METHOD)
     config = methods.make_config(args.method, **_settings(
         args, [spec.config_cls for spec in methods.METHODS.values()]))
+    steps = args.update.split("+")
+    settings = {}
     for name, update_cls in update.UPDATES.items():
         given = _settings(args, [update_cls], prefix=f"{name}_")
-        if name != args.update and given:
+        if name not in steps and given:
             flag = "--" + f"{name}_{next(iter(given))}".replace("_", "-")
             raise update.ConfigError(f"{flag} needs --update {name}")
-    update_config = update.make_update(args.update, **_settings(
-        args, [update.UPDATES[args.update]], prefix=f"{args.update}_")
-        if args.update in update.UPDATES else {})
+        settings.update({f"{name}_{key}" if len(steps) > 1 else key: value
+                         for key, value in given.items()})
+    update_config = update.make_update(args.update, **settings)
     if update_config is not None and distributed.world()[1] > 1:
         raise update.ConfigError(f"--update {args.update} is not distributed; run it without "
                                  "torchrun")

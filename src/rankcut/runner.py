@@ -45,6 +45,7 @@ class CompressJob:
     output: str | None = None
     overwrite: bool = False
     update: Any = None
+    recipe: str | None = None
     rank_map: dict[str, int | None] | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -91,10 +92,10 @@ def check(job: CompressJob) -> CompressJob:
                   "--max-windows": (job.max_windows, 1),
                   "--image-samples": (job.image_samples, 0)},
                  {"--calib-file": job.calib_file, "--eval-file": job.eval_file})
-    if job.update is not None and job.update.name == "lora" and job.stream:
-        raise ConfigError("--update lora is not supported with --stream: it trains the whole "
-                          "model at once; use --update refit or block (block by block), or drop "
-                          "--stream where the model fits in memory")
+    if job.update is not None and job.update.whole_model and job.stream:
+        raise ConfigError(f"--update {job.update.name} is not supported with --stream: lora "
+                          "trains the whole model at once; use --update refit or block (block "
+                          "by block), or drop --stream where the model fits in memory")
     if job.calib_file and not job.uses_calibration:
         logger.warning("--calib-file %s is not used: method %s needs no calibration data",
                        job.calib_file, job.config.name)
@@ -174,7 +175,7 @@ def run(job: CompressJob, device: str) -> tuple[RunRecord, Any] | None:
     out = Path(job.output)
     write_json(out / "rank_map.json", report.rank_map)
     record = RunRecord(
-        model=job.model or DEFAULT_MODEL, method=job.config.name,
+        model=job.model or DEFAULT_MODEL, method=job.config.name, recipe=job.recipe,
         settings=job.config.settings(), output=str(out), target_ratio=job.config.ratio,
         achieved_ratio=report.achieved_ratio, achieved_byte_ratio=report.achieved_byte_ratio,
         target_params_dense=report.dense_params, target_params_kept=report.kept_params,

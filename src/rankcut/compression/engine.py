@@ -175,9 +175,13 @@ def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
     """Refuses what a run cannot do, before any work (see ``pipeline.compress``'s errors)."""
     if update is not None and (calibration is None or calibration.numel() == 0):
         raise ConfigError(f"the {update.name} update needs calibration token ids")
-    if update is not None and update.name == "lora" and calibration.has_images:
-        raise ConfigError("the lora update trains on text only; drop --calib-images or use "
-                          "--update refit")
+    if update is not None and update.needs_output_metric and not config.needs_output_stats:
+        raise ConfigError(f"--block-weight kl weights the block error by IO-SVD's output "
+                          f"metric, which method {config.name!r} does not gather; use "
+                          "--method io-svd, or --block-weight mse")
+    if update is not None and update.whole_model and calibration.has_images:
+        raise ConfigError(f"--update {update.name}: the lora update trains on text only; drop "
+                          "--calib-images or use --update refit or block")
     if getattr(config, "anchored", False) and distributed.world()[1] > 1:
         raise ConfigError("the anchored objective is not distributed yet; run it in one "
                           "process (without torchrun)")
@@ -514,6 +518,9 @@ class BlockRun:
         self.correcting = getattr(config, "stages", 1) > 1
         # every process keeps its blocks and the original weights (stages, a refit)
         self.durable = self.correcting
+        # write each block's output metric (IO-SVD's KL metric on the residual stream) for
+        # the KL-weighted block refinement: work files metric/<block>
+        self.block_metric = False
 
     @property
     def spec(self):
@@ -639,7 +646,11 @@ class BlockRun:
     def _resume_files(self, mode: str) -> list[tuple[Path, tuple[str, int] | None]]:
         """The work files the committed progress relies on, each with the step (name,
         count) to go back to when it is damaged, or None to start over."""
-        return self._block_resume_files(mode) + [(f, None) for f in self._outside_files(mode)]
+        metrics = [self.work.where("metric", i) for i in range(
+            len(self.sm.blocks) - self.work.done("backward"), len(self.sm.blocks))
+            ] if self.block_metric else []
+        return (self._block_resume_files(mode)
+                + [(f, None) for f in self._outside_files(mode) + metrics])
 
     def _outside_files(self, mode: str) -> list[Path]:
         """The work files of the targets outside the blocks that the committed progress
@@ -900,6 +911,8 @@ class BlockRun:
             layers = {name: self.targets[name] for name in names}
             stats, outputs, grads = self.backward_block(block, index, layers)
             self._store_all(names, stats, outputs, grads)
+            if self.block_metric:
+                save_tensors(work.file("metric", index), {"g": self.residual_metric(index + 1)})
             work.commit(backward=len(sm.blocks) - index)
             work.drop("grads", index + 1)
             work.drop("acts", index)
@@ -908,6 +921,18 @@ class BlockRun:
             self._pre_backward()
             work.commit(pre_stored=1)
         work.drop("grads", 0)
+
+    def residual_metric(self, index: int) -> torch.Tensor:
+        """IO-SVD's output metric on the residual stream entering block ``index`` (the last
+        block's output when ``index`` is the number of blocks): Σ s sᵀ over the KL
+        pseudo-gradients s of every gradient batch's tokens, per token (d×d float64)."""
+        total = None
+        for b in range(self.grad_batches):
+            upstream = load_tensors(self.work.file("grads", index, b), self.sm.device)
+            for k in range(self.seeds):
+                s = upstream[f"seed{k}"].reshape(-1, upstream[f"seed{k}"].shape[-1]).double()
+                total = s.T @ s if total is None else total + s.T @ s
+        return total / max(1, self.work.progress["loss_tokens"])
 
     def _forward_all(self) -> None:
         """Runs the original blocks on every batch, keeping every block's inputs."""

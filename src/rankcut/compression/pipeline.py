@@ -36,7 +36,7 @@ from .engine import (
     ResidentModel,
     check_inputs,
 )
-from .update import BLOCKWISE, UpdateConfig, apply_update
+from .update import UpdateConfig, apply_update, keeps_blocks
 from .workfolder import WorkFolder
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
         work = WorkFolder(Path(folder) / "run", "resident")
         run = compress_blocks(ResidentModel(model), work, report, config, targets, calibration,
-                              batch_size, rank_map, refit=isinstance(update, BLOCKWISE))
+                              batch_size, rank_map, refit=keeps_blocks(update),
+                              block_metric=update is not None and update.needs_output_metric)
         if update is not None:
             report.update = apply_update(run, update, calibration, batch_size)
     report.seconds = time.perf_counter() - start
@@ -130,7 +131,7 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
                     config: MethodConfig, targets: dict[str, nn.Linear],
                     calibration: Calibration | None, batch_size: int,
                     rank_map: dict[str, int | None] | None,
-                    refit: bool = False) -> BlockRun:
+                    refit: bool = False, block_metric: bool = False) -> BlockRun:
     """Compresses ``targets`` with ``config``'s strategy, block by block over ``sm``, then
     runs its correction stages (``rankcut.compression.correction``) when it has them, or
     the anchored re-cut (``blockpass.anchor_blocks``) with ``objective="anchored"``.
@@ -149,8 +150,10 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
             without statistics).
         batch_size: samples per forward pass of the input statistics.
         rank_map: {module: rank or None} to use instead of the method's allocation.
-        refit: a refit follows (``update.refit_blocks``): every process keeps its blocks
-            and the original weights in ``work``.
+        refit: a block-wise update follows (``update.keeps_blocks``): every process keeps
+            its blocks and the original weights in ``work``.
+        block_metric: also write each block's output metric (``BlockRun.block_metric``;
+            methods with the IO-SVD output metric).
 
     Returns:
         The block run, for the steps that follow on the compressed blocks.
@@ -159,6 +162,7 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
     run = BlockRun(sm, work, config, targets, batches, grad_batches)
     anchored = getattr(config, "anchored", False)
     run.durable = run.correcting or refit or anchored
+    run.block_metric = block_metric
     if config.needs_output_stats and calibration is not None:
         grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
         run.idle_steps = distributed.idle_steps(

@@ -45,9 +45,14 @@ class BlockRefineConfig:
         norms: also tune the block's norm weights.
         weight_decay: AdamW's weight decay.
         seed: seed of the training batch order.
+        weight: ``"mse"``, the mean squared error of the block's output; ``"kl"``, that
+            error weighted by IO-SVD's output metric at the block's output (io-svd only).
+        int8: the int8 rows of a remap: ``"requantize"`` trains them with the rest and
+            quantizes them again; ``"frozen"`` keeps them as they are (no gradient).
     """
 
     name: ClassVar[str] = "block"
+    whole_model: ClassVar[bool] = False
     epochs: int = setting(5, "epochs of block refinement (passes over the training batches)")
     lr: float = setting(1e-4, "peak AdamW learning rate of block refinement")
     batch_size: int = setting(4, "calibration samples per block refinement step")
@@ -55,6 +60,12 @@ class BlockRefineConfig:
     norms: bool = setting(False, "also tune the block's norm weights")
     weight_decay: float = setting(0.0, "AdamW weight decay of block refinement")
     seed: int = setting(0, "seed of the block refinement's batch order")
+    weight: str = setting("mse", "block refinement error: plain mean squared error, or "
+                                 "weighted by IO-SVD's KL output metric (io-svd)",
+                          ("mse", "kl"))
+    int8: str = setting("requantize", "int8 rows of a remap during block refinement: trained "
+                                      "and quantized again, or kept frozen",
+                        ("requantize", "frozen"))
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "held_out"):
@@ -64,6 +75,15 @@ class BlockRefineConfig:
             raise ConfigError(f"block lr must be a positive number; got {self.lr!r}")
         if not 0.0 <= self.weight_decay < 1.0:
             raise ConfigError(f"block weight_decay must be in [0, 1); got {self.weight_decay!r}")
+        if self.weight not in ("mse", "kl"):
+            raise ConfigError(f"block weight must be 'mse' or 'kl'; got {self.weight!r}")
+        if self.int8 not in ("requantize", "frozen"):
+            raise ConfigError(f"block int8 must be 'requantize' or 'frozen'; got {self.int8!r}")
+
+    @property
+    def needs_output_metric(self) -> bool:
+        """Whether the error is weighted by IO-SVD's output metric (``weight="kl"``)."""
+        return self.weight == "kl"
 
     def settings(self) -> dict[str, Any]:
         """Returns the stage name and settings as a JSON-ready dict."""
@@ -105,7 +125,8 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
     held = max(1, math.ceil(config.held_out / config.batch_size))
     train, test = list(range(len(run.batches) - held)), list(range(len(run.batches) - held,
                                                                   len(run.batches)))
-    pairs = {name: TrainablePair.of(model.get_submodule(name)) for name in names}
+    pairs = {name: TrainablePair.of(model.get_submodule(name), config.int8 == "frozen")
+             for name in names}
     originals = {name: model.get_submodule(name) for name in names}
     for name, pair in pairs.items():
         model.set_submodule(name, pair)
@@ -117,8 +138,9 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    error = _error_of(run, index, config.weight)
     try:
-        curve = [_held_out_error(run, block, index, test)]
+        curve = [_held_out_error(run, block, index, test, error)]
         best, kept = curve[0], _snapshot(params)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         schedule = _warmup_cosine(optimizer, config.epochs * len(train))
@@ -126,7 +148,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
         for _ in range(config.epochs):
             for position in torch.randperm(len(train), generator=order).tolist():
                 b = train[position]
-                loss = F.mse_loss(run.run(block, index, b).float(), _target(run, index, b))
+                loss = error(run.run(block, index, b).float(), _target(run, index, b))
                 if not torch.isfinite(loss):
                     raise ConfigError(f"block {index} refinement: the loss became non-finite; "
                                       "lower --block-lr")
@@ -135,7 +157,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-            curve.append(_held_out_error(run, block, index, test))
+            curve.append(_held_out_error(run, block, index, test, error))
             if curve[-1] < best:
                 best, kept = curve[-1], _snapshot(params)
         _restore(params, kept)
@@ -163,10 +185,18 @@ class TrainablePair(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
 
     @classmethod
-    def of(cls, layer: LowRankLinear) -> TrainablePair:
-        """The pair of ``layer``'s (dequantized) factors."""
+    def of(cls, layer: LowRankLinear, freeze_int8: bool = False) -> TrainablePair:
+        """The pair of ``layer``'s (dequantized) factors; with ``freeze_int8``, the
+        gradients of its int8 vectors are zero, so they stay as they are."""
         w_u, w_v = layer.factors()
-        return cls(w_u, w_v, layer.bias)
+        pair = cls(w_u, w_v, layer.bias)
+        plan = layer.plan
+        if freeze_int8 and plan is not None:
+            u_mask = plan.u_int8.to(w_u.device)[None, :]  # columns of W_u
+            v_mask = plan.v_int8.to(w_v.device)[:, None]  # rows of W_v
+            pair.weight_u.register_hook(lambda g: g.masked_fill(u_mask, 0))
+            pair.weight_v.register_hook(lambda g: g.masked_fill(v_mask, 0))
+        return pair
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x.float(), self.weight_v), self.weight_u,
@@ -186,13 +216,35 @@ def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
     return load_tensors(run.work.file("acts-original", index + 1, b), run.sm.device)["h"].float()
 
 
-def _held_out_error(run: BlockRun, block: nn.Module, index: int, batches: list[int]) -> float:
-    """Mean squared error of the block's outputs on the held-out batches (no gradients)."""
+def _error_of(run: BlockRun, index: int, weight: str):
+    """The error ``(output, target) -> mean per element`` that block ``index`` is tuned on:
+    the mean squared error, or with ``weight="kl"`` the squared error in the metric
+    G = IO-SVD's output metric at the block's output (work file metric/<index>), scaled to
+    a mean diagonal of one and damped by 1% of the identity: mean of ‖(y − t) L‖² / d with
+    G = L Lᵀ."""
+    if weight == "mse":
+        return F.mse_loss
+    g = load_tensors(run.work.file("metric", index), run.sm.device)["g"].double()
+    d = g.shape[0]
+    g = g / g.diagonal().mean().clamp_min(1e-300) + 1e-2 * torch.eye(d, dtype=g.dtype,
+                                                                     device=g.device)
+    factor = torch.linalg.cholesky(g).float()
+
+    def weighted(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((output - target) @ factor).pow(2).mean()
+
+    return weighted
+
+
+def _held_out_error(run: BlockRun, block: nn.Module, index: int, batches: list[int],
+                    error) -> float:
+    """``error`` of the block's outputs on the held-out batches, per element (no
+    gradients)."""
     total, elements = 0.0, 0
     with torch.no_grad():
         for b in batches:
             target = _target(run, index, b)
-            total += F.mse_loss(run.run(block, index, b).float(), target, reduction="sum").item()
+            total += error(run.run(block, index, b).float(), target).item() * target.numel()
             elements += target.numel()
     return total / elements
 

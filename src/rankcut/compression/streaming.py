@@ -66,7 +66,7 @@ from .engine import (
     save_block,
 )
 from .pipeline import compress_blocks
-from .update import BLOCKWISE, UpdateConfig, apply_update
+from .update import UpdateConfig, apply_update
 from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     PROGRESS,
     WORK_SUFFIX,
@@ -377,8 +377,8 @@ def compress_streaming(
             ``pipeline.compress``.
         ModelLoadError, CalibrationError, UnsupportedModelError: as ``pipeline.compress``.
     """
-    if update is not None and not isinstance(update, BLOCKWISE):
-        raise ConfigError(f"the {update.name} update is not supported with streaming: it "
+    if update is not None and update.whole_model:
+        raise ConfigError(f"the {update.name} update is not supported with streaming: lora "
                           "trains the whole model at once; use the refit or block update "
                           "(block by block), or compress in memory")
     calibration = None if calibration is None else as_calibration(calibration)
@@ -394,7 +394,8 @@ def compress_streaming(
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
     run = compress_blocks(sm, work, report, config, targets, calibration, batch_size,
-                          rank_map, refit=update is not None)
+                          rank_map, refit=update is not None,
+                          block_metric=update is not None and update.needs_output_metric)
     if update is not None:
         report.update = apply_update(run, update, calibration, batch_size)
     report.seconds = time.perf_counter() - start

@@ -12,6 +12,8 @@ Two stages, each with a frozen config dataclass:
   merge; then on every W_v (W_u frozen), merge.
 
 Both keep ranks and int8 layouts; int8 rows are quantized again from the updated factors.
+A block-wise update (``refit`` or ``block``, the block refinement of ``refine.py``) can be
+followed by ``lora`` in one run: ``--update block+lora`` (an :class:`UpdateChain`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class RefitConfig:
     """
 
     name: ClassVar[str] = "refit"
+    whole_model: ClassVar[bool] = False
+    needs_output_metric: ClassVar[bool] = False
     damping: float = setting(1e-6, "ridge λ, relative to the mean diagonal of the rank-space "
                                    "second moment")
     target: str = setting("compressed", "fit the original layer applied to the compressed "
@@ -80,6 +84,8 @@ class LoRAUpdateConfig:
     """
 
     name: ClassVar[str] = "lora"
+    whole_model: ClassVar[bool] = True  # trains the whole model at once: in memory only
+    needs_output_metric: ClassVar[bool] = False
     rank: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / rank)")
     steps: int = setting(20, "optimizer steps per LoRA stage")
@@ -99,28 +105,84 @@ class LoRAUpdateConfig:
         return {"name": self.name, **asdict(self)}
 
 
-UpdateConfig = RefitConfig | BlockRefineConfig | LoRAUpdateConfig
+@dataclass(frozen=True)
+class UpdateChain:
+    """A block-wise update, then the LoRA update (``--update block+lora``, ``refit+lora``).
+
+    Attributes:
+        steps: the two updates, in the order they run.
+    """
+
+    steps: tuple
+
+    def __post_init__(self) -> None:
+        if (len(self.steps) != 2 or not isinstance(self.steps[0], BLOCKWISE)
+                or not isinstance(self.steps[1], LoRAUpdateConfig)):
+            raise ConfigError("an update chain is a block-wise update (refit or block) then "
+                              f"lora; got {'+'.join(step.name for step in self.steps)!r}")
+
+    @property
+    def name(self) -> str:
+        """The steps' names joined by ``+`` (``block+lora``)."""
+        return "+".join(step.name for step in self.steps)
+
+    @property
+    def whole_model(self) -> bool:
+        """Whether a step trains the whole model at once (in memory only)."""
+        return any(step.whole_model for step in self.steps)
+
+    @property
+    def needs_output_metric(self) -> bool:
+        """Whether the first step weights its error by IO-SVD's output metric."""
+        return self.steps[0].needs_output_metric
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the chain's name and each step's settings as a JSON-ready dict."""
+        return {"name": self.name, "steps": [step.settings() for step in self.steps]}
+
+
+UpdateConfig = RefitConfig | BlockRefineConfig | LoRAUpdateConfig | UpdateChain
 UPDATES: dict[str, type] = {cls.name: cls for cls in (RefitConfig, BlockRefineConfig,
                                                       LoRAUpdateConfig)}
 #: The updates that run block by block over the engine's executor (in memory and streamed).
 BLOCKWISE = (RefitConfig, BlockRefineConfig)
+#: The names ``--update`` takes: one update, or a block-wise one then lora.
+UPDATE_NAMES = (*UPDATES, *(f"{cls.name}+lora" for cls in BLOCKWISE))
 
 
 def make_update(name: str | None, **settings: Any) -> UpdateConfig | None:
-    """Builds the update config called ``name`` (None or ``"none"``: no update).
+    """Builds the update config called ``name`` (None or ``"none"``: no update); a chain
+    (``block+lora``) takes each step's settings prefixed with its name (``block_lr``).
 
     Raises:
         ConfigError: unknown update or setting, or a value out of range.
     """
     if name in (None, "none"):
         return None
-    if name not in UPDATES:
-        raise ConfigError(f"unknown update {name!r}; choose one of none, {', '.join(UPDATES)}")
+    if name not in UPDATE_NAMES:
+        raise ConfigError(f"unknown update {name!r}; choose one of none, "
+                          f"{', '.join(UPDATE_NAMES)}")
     given = {k: v for k, v in settings.items() if v is not None}
+    if "+" in name:
+        steps = name.split("+")
+        unknown = [k for k in given if k.partition("_")[0] not in steps]
+        if unknown:
+            raise ConfigError(f"update {name!r}: prefix each setting with its step "
+                              f"({steps[0]}_..., {steps[1]}_...); got {unknown[0]!r}")
+        return UpdateChain(tuple(make_update(step, **{
+            k.partition("_")[2]: v for k, v in given.items() if k.partition("_")[0] == step})
+            for step in steps))
     try:
         return UPDATES[name](**given)
     except TypeError as exc:
         raise ConfigError(f"update {name!r}: {exc}") from None
+
+
+def keeps_blocks(update: UpdateConfig | None) -> bool:
+    """Whether ``update`` begins with a block-wise pass, so the compression must keep its
+    blocks and their original weights (``refit=True`` of the block run)."""
+    first = update.steps[0] if isinstance(update, UpdateChain) else update
+    return isinstance(first, BLOCKWISE)
 
 
 def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor | Calibration,
@@ -128,12 +190,12 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
     """Runs ``config``'s update on the blocks ``run`` compressed.
 
     Args:
-        run: the block run of the compression (``pipeline.compress_blocks``; for a refit it
-            must have kept its blocks and originals: ``refit=True``).
-        config: ``RefitConfig`` or ``LoRAUpdateConfig`` (in memory only: it trains the
-            whole model).
+        run: the block run of the compression (``pipeline.compress_blocks``; for a block-wise
+            update it must have kept its blocks and originals: ``refit=True``).
+        config: an update config (LoRA in memory only: it trains the whole model), or a
+            chain of them; a chain's log tags every entry with its step's name (``update``).
         calibration: [num_samples, seqlen] token ids, or a ``Calibration`` (with images:
-            refit only).
+            the block-wise updates only).
         batch_size: samples per forward pass (refit).
 
     Raises:
@@ -142,7 +204,10 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
     if calibration is None or calibration.numel() == 0:
         raise ConfigError(f"the {config.name} update needs calibration token ids")
     calibration = as_calibration(calibration)
-    if isinstance(config, RefitConfig):
+    if isinstance(config, UpdateChain):
+        log = [{"update": step.name, **entry} for step in config.steps
+               for entry in apply_update(run, step, calibration, batch_size).log]
+    elif isinstance(config, RefitConfig):
         log = refit_blocks(run, config, calibration, batch_size)
     elif isinstance(config, BlockRefineConfig):
         log = refine_blocks(run, config, calibration)

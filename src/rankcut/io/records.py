@@ -22,6 +22,7 @@ class RunRecord:
 
     Attributes:
         model, method, settings, output: what was compressed, how, and where it went.
+        recipe: the ``--recipe`` whose settings ``settings`` and ``update`` spell out.
         target_ratio, achieved_ratio, achieved_byte_ratio: the ratios asked for and got.
         target_params_dense, target_params_kept: target-layer parameters before and after.
         model_bytes_dense, model_bytes: the model's stored bytes before and after.
@@ -40,6 +41,7 @@ class RunRecord:
     target_ratio: float
     perplexity: float | None
     model: str | None = None
+    recipe: str | None = None
     settings: dict = field(default_factory=dict)
     output: str | None = None
     achieved_ratio: float | None = None
