@@ -11,7 +11,8 @@ A method written ``name:flag`` turns on a boolean setting (e.g. ``svd-llm:sequen
 ``name:key=value`` sets any other (e.g. ``zero-sum:stages=3:rule=least-sensitive``).
 ``+update`` adds a parameter update after truncation, with its own settings
 (``svd-llm+refit``, ``svd-llm+lora:steps=40``), or a block-wise update then lora
-(``io-svd+block:lr=1e-3+lora``).
+(``io-svd+block:lr=1e-3+lora``). ``recipe:best`` measures ``rankcut compress --recipe best``
+(``recipe:best:block_epochs=2`` with a setting changed).
 A vision-language model adds image-text calibration and the caption perplexity:
 
     .venv/bin/python benchmarks/quality.py --model smollm2-llava --methods io-svd \
@@ -116,10 +117,14 @@ def run_one(args: argparse.Namespace, method: str | None, ratio: float | None) -
 
 
 def method_configs(method: str, ratio: float):
-    """(method config, update config or None) of a ``name:flag+update:key=value`` text."""
+    """(method config, update config or None) of a ``name:flag+update:key=value`` text,
+    or of a recipe (``recipe:best``, with overrides: ``recipe:best:block_epochs=2``)."""
     import rankcut
     from rankcut.compression.update import make_update
 
+    if method.startswith("recipe:"):
+        _, name, *flags = method.split(":")
+        return rankcut.recipe_configs(name, ratio, **dict(map(parse_setting, flags)))
     method_part, _, update_part = method.partition("+")
     name, *flags = method_part.split(":")
     config = rankcut.make_config(name, ratio=ratio, **dict(map(parse_setting, flags)))

@@ -10,7 +10,8 @@ SRC = Path(rankcut.__file__).parent
 #: The layers of the README's Architecture section, in order: each imports only from the
 #: ones before it (a package's own modules aside).
 LAYERS = ["_version", "errors", "core", "methods", "nn", "architecture", "io", "offline",
-          "loading", "calibration", "measure", "compression", "runner", "report", "cli",
+          "loading", "calibration", "measure", "compression", "recipes", "runner", "report",
+          "cli",
           "__init__"]
 
 

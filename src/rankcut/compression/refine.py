@@ -54,7 +54,7 @@ class BlockRefineConfig:
     name: ClassVar[str] = "block"
     whole_model: ClassVar[bool] = False
     epochs: int = setting(5, "epochs of block refinement (passes over the training batches)")
-    lr: float = setting(1e-4, "peak AdamW learning rate of block refinement")
+    lr: float = setting(1e-3, "peak AdamW learning rate of block refinement")
     batch_size: int = setting(4, "calibration samples per block refinement step")
     held_out: int = setting(8, "calibration samples held out to choose the best epoch")
     norms: bool = setting(False, "also tune the block's norm weights")
