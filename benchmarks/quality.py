@@ -131,8 +131,7 @@ def method_configs(method: str, ratio: float):
     if not update_part:
         return config, None
     steps = [part.split(":") for part in update_part.split("+")]
-    prefix = (lambda name, key: f"{name}_{key}") if len(steps) > 1 else (lambda name, key: key)
-    settings = {prefix(name, key): value for name, *flags in steps
+    settings = {f"{name}_{key}": value for name, *flags in steps
                 for key, value in map(parse_setting, flags)}
     return config, make_update("+".join(name for name, *_ in steps), **settings)
 

@@ -315,8 +315,7 @@ def _compress_settings(args: argparse.Namespace):
         if name not in steps and given:
             flag = "--" + f"{name}_{next(iter(given))}".replace("_", "-")
             raise update.ConfigError(f"{flag} needs --update {name}")
-        settings.update({f"{name}_{key}" if len(steps) > 1 else key: value
-                         for key, value in given.items()})
+        settings.update({f"{name}_{key}": value for key, value in given.items()})
     update_config = update.make_update(args.update, **settings)
     if update_config is not None and distributed.world()[1] > 1:
         raise update.ConfigError(f"--update {args.update} is not distributed; run it without "

@@ -85,7 +85,5 @@ def recipe_configs(name: str, ratio: float, **overrides: Any):
     method_settings = {**entry["settings"],
                        **{k: v for k, v in overrides.items() if k not in update_keys}}
     update_settings = {**entry["update_settings"], **{k: overrides[k] for k in update_keys}}
-    if len(steps) == 1:  # a single update takes its settings without the prefix
-        update_settings = {k.partition("_")[2]: v for k, v in update_settings.items()}
     return (make_config(entry["method"], ratio=ratio, **method_settings),
             make_update(entry["update"], **update_settings))

@@ -36,7 +36,7 @@ from .engine import (
     ResidentModel,
     check_inputs,
 )
-from .update import UpdateConfig, apply_update, keeps_blocks
+from .update import UpdateConfig, apply_update, keeps_blocks, needs_block_metric
 from .workfolder import WorkFolder
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def compress(
         work = WorkFolder(Path(folder) / "run", "resident")
         run = compress_blocks(ResidentModel(model), work, report, config, targets, calibration,
                               batch_size, rank_map, refit=keeps_blocks(update),
-                              block_metric=update is not None and update.needs_output_metric)
+                              block_metric=needs_block_metric(update))
         if update is not None:
             report.update = apply_update(run, update, calibration, batch_size)
     report.seconds = time.perf_counter() - start

@@ -66,7 +66,7 @@ from .engine import (
     save_block,
 )
 from .pipeline import compress_blocks
-from .update import UpdateConfig, apply_update
+from .update import UpdateConfig, apply_update, needs_block_metric
 from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     PROGRESS,
     WORK_SUFFIX,
@@ -395,7 +395,7 @@ def compress_streaming(
     start = time.perf_counter()
     run = compress_blocks(sm, work, report, config, targets, calibration, batch_size,
                           rank_map, refit=update is not None,
-                          block_metric=update is not None and update.needs_output_metric)
+                          block_metric=needs_block_metric(update))
     if update is not None:
         report.update = apply_update(run, update, calibration, batch_size)
     report.seconds = time.perf_counter() - start

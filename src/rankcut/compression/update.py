@@ -151,8 +151,9 @@ UPDATE_NAMES = (*UPDATES, *(f"{cls.name}+lora" for cls in BLOCKWISE))
 
 
 def make_update(name: str | None, **settings: Any) -> UpdateConfig | None:
-    """Builds the update config called ``name`` (None or ``"none"``: no update); a chain
-    (``block+lora``) takes each step's settings prefixed with its name (``block_lr``).
+    """Builds the update config called ``name`` (None or ``"none"``: no update). Settings
+    may carry their update's name as a prefix (``block_lr``, as the flags do); a chain's
+    (``block+lora``) must, to say which step each belongs to.
 
     Raises:
         ConfigError: unknown update or setting, or a value out of range.
@@ -172,6 +173,7 @@ def make_update(name: str | None, **settings: Any) -> UpdateConfig | None:
         return UpdateChain(tuple(make_update(step, **{
             k.partition("_")[2]: v for k, v in given.items() if k.partition("_")[0] == step})
             for step in steps))
+    given = {key.removeprefix(f"{name}_"): value for key, value in given.items()}
     try:
         return UPDATES[name](**given)
     except TypeError as exc:
@@ -183,6 +185,12 @@ def keeps_blocks(update: UpdateConfig | None) -> bool:
     blocks and their original weights (``refit=True`` of the block run)."""
     first = update.steps[0] if isinstance(update, UpdateChain) else update
     return isinstance(first, BLOCKWISE)
+
+
+def needs_block_metric(update: UpdateConfig | None) -> bool:
+    """Whether ``update`` weights the block error by IO-SVD's output metric, so the
+    compression must write each block's metric (``block_metric=True`` of the block run)."""
+    return update is not None and update.needs_output_metric
 
 
 def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor | Calibration,
