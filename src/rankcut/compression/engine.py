@@ -909,10 +909,9 @@ class BlockRun:
             block = sm.block(index)
             names = self.by_block.get(index, [])
             layers = {name: self.targets[name] for name in names}
-            stats, outputs, grads = self.backward_block(block, index, layers)
+            stats, outputs, grads = self.backward_block(block, index, layers,
+                                                        residual_metric=self.block_metric)
             self._store_all(names, stats, outputs, grads)
-            if self.block_metric:
-                save_tensors(work.file("metric", index), {"g": self.residual_metric(index + 1)})
             work.commit(backward=len(sm.blocks) - index)
             work.drop("grads", index + 1)
             work.drop("acts", index)
@@ -921,18 +920,6 @@ class BlockRun:
             self._pre_backward()
             work.commit(pre_stored=1)
         work.drop("grads", 0)
-
-    def residual_metric(self, index: int) -> torch.Tensor:
-        """IO-SVD's output metric on the residual stream entering block ``index`` (the last
-        block's output when ``index`` is the number of blocks): Σ s sᵀ over the KL
-        pseudo-gradients s of every gradient batch's tokens, per token (d×d float64)."""
-        total = None
-        for b in range(self.grad_batches):
-            upstream = load_tensors(self.work.file("grads", index, b), self.sm.device)
-            for k in range(self.seeds):
-                s = upstream[f"seed{k}"].reshape(-1, upstream[f"seed{k}"].shape[-1]).double()
-                total = s.T @ s if total is None else total + s.T @ s
-        return total / max(1, self.work.progress["loss_tokens"])
 
     def _forward_all(self) -> None:
         """Runs the original blocks on every batch, keeping every block's inputs."""
@@ -1099,11 +1086,14 @@ class BlockRun:
         return fisher.seeds_from_draws(logits.shape, probs, index, mine, self.config.kl_mode)
 
     def backward_block(self, block: nn.Module, index: int, layers: dict[str, nn.Linear],
-                       input_stats: bool = True):
+                       input_stats: bool = True, residual_metric: bool = False):
         """Recomputes ``block`` on the batches: with ``input_stats``, the input statistics of
         ``layers`` on all batches (when the method needs them); on gradient batches, the
         loss gradients of their weights, their output statistics (IO-SVD's metric or
-        FWSVD's row Fisher) and the vectors handed to the block below.
+        FWSVD's row Fisher) and the vectors handed to the block below. With
+        ``residual_metric``, also writes the work file metric/<index>: IO-SVD's output
+        metric on the block's output, Σ s sᵀ over the KL pseudo-gradients s arriving
+        there, per token (d×d float64; the KL weight of block refinement).
 
         Returns:
             ({module: input moment}, {module: output statistics}, {module: G}).
@@ -1111,6 +1101,7 @@ class BlockRun:
         work, config = self.work, self.config
         input_stats = input_stats and config.needs_input_stats
         acc = _LayerSums(layers, self.seeds, config.needs_row_fisher)
+        residual = None
         weights = [layer.weight for layer in layers.values()]
         for w in weights:
             w.requires_grad_(self.weight_grads)
@@ -1125,6 +1116,8 @@ class BlockRun:
                 if not wanted:
                     continue
                 upstream = load_tensors(work.file("grads", index + 1, b), self.sm.device)
+                if residual_metric:
+                    residual = _add_seed_moment(residual, upstream, self.seeds)
                 below = {}
                 if self.weight_grads:
                     got = torch.autograd.grad(out, [hidden, *weights], upstream["loss"],
@@ -1143,6 +1136,9 @@ class BlockRun:
                 save_tensors(work.file("grads", index, b), below or {"none": torch.zeros(1)})
         for w in weights:
             w.requires_grad_(False)
+        if residual is not None:
+            save_tensors(work.file("metric", index),
+                         {"g": residual / max(1, work.progress["loss_tokens"])})
         distributed.sum_moments(hooks.stats)
         outputs, grads = acc.reduce(work.progress["loss_tokens"], self.weight_grads)
         return hooks.stats, outputs, grads
@@ -1291,6 +1287,15 @@ def _paused(post: _HeadTargets | None):
         yield
     finally:
         post.hooks.active = True
+
+
+def _add_seed_moment(total: torch.Tensor | None, upstream: dict[str, torch.Tensor],
+                     seeds: int) -> torch.Tensor:
+    """``total`` plus Σ_k s_kᵀ s_k over the KL seed vectors s_k of one batch (float64)."""
+    for k in range(seeds):
+        s = upstream[f"seed{k}"].reshape(-1, upstream[f"seed{k}"].shape[-1]).double()
+        total = s.T @ s if total is None else total + s.T @ s
+    return total
 
 
 class _LayerSums:

@@ -66,7 +66,7 @@ from .engine import (
     save_block,
 )
 from .pipeline import compress_blocks
-from .update import UpdateConfig, apply_update, needs_block_metric
+from .update import UpdateConfig, apply_update, keeps_blocks, needs_block_metric
 from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     PROGRESS,
     WORK_SUFFIX,
@@ -394,7 +394,7 @@ def compress_streaming(
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
     run = compress_blocks(sm, work, report, config, targets, calibration, batch_size,
-                          rank_map, refit=update is not None,
+                          rank_map, refit=keeps_blocks(update),
                           block_metric=needs_block_metric(update))
     if update is not None:
         report.update = apply_update(run, update, calibration, batch_size)
