@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rankcut
+from rankcut.compression.refine import BlockRefineConfig
 from rankcut.compression.update import LoRAUpdateConfig, RefitConfig
 
 from .conftest import tiny_model
@@ -73,3 +74,23 @@ def test_bfloat16_model_on_cuda(calib_ids):
     assert report.achieved_ratio >= 0.4
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=calib_ids.cuda()).logits.float()).all()
+
+
+def test_block_refinement_trains_under_bf16_autocast_on_cuda(calib_ids):
+    """``--update block`` on a GPU: the training forward runs under bf16 autocast
+    (``precision="auto"``), the held-out scoring does not, and no block gets worse."""
+    model = tiny_model("llama").cuda()
+    seen = []
+
+    def record(module, args, output):
+        seen.append((torch.is_autocast_enabled("cuda"), torch.is_grad_enabled()))
+
+    hook = model.model.layers[0].register_forward_hook(record)
+    update = BlockRefineConfig(epochs=2, held_out=2, batch_size=2)
+    report = rankcut.compress(model, rankcut.make_config("svd-llm", ratio=0.4), calib_ids,
+                              batch_size=2, update=update)
+    hook.remove()
+    assert (True, True) in seen  # a training step under autocast
+    assert all(not autocast for autocast, grad in seen if not grad)  # held-out: float32
+    assert all(e["error_after"] <= e["error_before"] for e in report.update.log)
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.parameters())

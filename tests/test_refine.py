@@ -80,17 +80,35 @@ def test_block_settings_are_validated(ids):
         make_update("block", epochs=0)
     with pytest.raises(ConfigError, match="lr must be a positive number"):
         make_update("block", lr=-1.0)
+    with pytest.raises(ConfigError, match="precision must be 'auto' or 'float32'"):
+        make_update("block", precision="bf16")
     with pytest.raises(ConfigError, match="holds out 12 of 12"):
         _refined(ids, held_out=12)
+
+
+def test_autocast_is_for_cuda_only(ids):
+    """``precision="auto"`` autocasts only on CUDA: on the CPU it trains exactly as
+    ``"float32"`` does (bit for bit), and the context it picks there changes nothing."""
+    from rankcut.compression.refine import training_precision
+
+    with training_precision("cpu", "auto"):
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+    auto, _ = _refined(ids, epochs=1)
+    full, report = _refined(ids, epochs=1, precision="float32")
+    assert report.update.settings["precision"] == "float32"
+    for key, value in auto.state_dict().items():
+        assert torch.equal(value, full.state_dict()[key]), key
 
 
 def test_cli_update_block_writes_its_curve(model_dir, calib_file, tmp_path):
     run = tmp_path / "run.json"
     assert _compress(model_dir, calib_file, tmp_path / "o", "--method", "svd-llm",
                      "--update", "block", "--block-epochs", "2", "--block-held-out", "1",
-                     "--block-batch-size", "1", "--json", str(run)) == 0
+                     "--block-batch-size", "1", "--block-precision", "float32",
+                     "--json", str(run)) == 0
     figures = json.loads(run.read_text())
     assert figures["update"]["name"] == "block" and figures["update"]["epochs"] == 2
+    assert figures["update"]["precision"] == "float32"
     assert figures["update_log"] and all(len(e["curve"]) == 3 for e in figures["update_log"])
 
 

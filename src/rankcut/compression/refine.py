@@ -14,6 +14,7 @@ block and one batch, in memory and streamed alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -49,6 +50,10 @@ class BlockRefineConfig:
             error weighted by IO-SVD's output metric at the block's output (io-svd only).
         int8: the int8 rows of a remap: ``"requantize"`` trains them with the rest and
             quantizes them again; ``"frozen"`` keeps them as they are (no gradient).
+        precision: the training forward: ``"auto"`` runs it under bf16 autocast on a CUDA
+            device that supports bf16 (float32 master factors, float32 loss) and in
+            float32 elsewhere; ``"float32"`` always in float32. The held-out error that
+            picks the best epoch is always measured without autocast.
     """
 
     name: ClassVar[str] = "block"
@@ -66,6 +71,8 @@ class BlockRefineConfig:
     int8: str = setting("requantize", "int8 rows of a remap during block refinement: trained "
                                       "and quantized again, or kept frozen",
                         ("requantize", "frozen"))
+    precision: str = setting("auto", "block refinement's training forward: bf16 autocast on "
+                                     "CUDA (auto) or float32 everywhere", ("auto", "float32"))
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "held_out"):
@@ -79,6 +86,9 @@ class BlockRefineConfig:
             raise ConfigError(f"block weight must be 'mse' or 'kl'; got {self.weight!r}")
         if self.int8 not in ("requantize", "frozen"):
             raise ConfigError(f"block int8 must be 'requantize' or 'frozen'; got {self.int8!r}")
+        if self.precision not in ("auto", "float32"):
+            raise ConfigError("block precision must be 'auto' or 'float32'; "
+                              f"got {self.precision!r}")
 
     @property
     def needs_output_metric(self) -> bool:
@@ -148,7 +158,9 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
         for _ in range(config.epochs):
             for position in torch.randperm(len(train), generator=order).tolist():
                 b = train[position]
-                loss = error(run.run(block, index, b).float(), _target(run, index, b))
+                with training_precision(run.sm.device, config.precision):
+                    output = run.run(block, index, b)
+                loss = error(output.float(), _target(run, index, b))
                 if not torch.isfinite(loss):
                     raise ConfigError(f"block {index} refinement: the loss became non-finite; "
                                       "lower --block-lr")
@@ -209,6 +221,16 @@ class TrainablePair(nn.Module):
         rebuilt = LowRankLinear.from_factors(self.weight_u.detach(), self.weight_v.detach(),
                                              bias, dtype=layer.weight_u.dtype, plan=layer.plan)
         return rebuilt.to(layer.weight_u.device)
+
+
+def training_precision(device: torch.device | str, precision: str
+                       ) -> contextlib.AbstractContextManager:
+    """The context of a training forward: bf16 autocast on a CUDA ``device`` that supports
+    bf16 when ``precision`` is ``"auto"``, otherwise no change (float32)."""
+    device = torch.device(device)
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
