@@ -49,7 +49,16 @@ CASES = {
     # a tiny LLaVA on 4 text and 4 image-text samples (batches never mix the two kinds)
     "io-svd-images": ("io-svd", {"grad_batch_size": 3}, 5, 0.3),
     "svd-llm-images": ("svd-llm", {}, 5, 0.3),
+    "svd-llm-anchored": ("svd-llm", {"objective": "anchored"}, 1, 0.3),
+    "svd-llm-refit": ("svd-llm", {}, 1, 0.3),
 }
+#: The cases above that end with a block-wise update: its name and settings.
+CASE_UPDATES = {"svd-llm-refit": ("refit", {"target": "original"})}
+#: Block refinement in two processes is data parallel (a step trains on one batch of each),
+#: so it is compared with itself across the processes, not with one process: io-svd with the
+#: KL weight (the metric is summed over the processes), 8 samples in batches of 2: global
+#: batches 0 and 2 on process 0, 1 and 3 on process 1; batch 3 is the held-out slice.
+BLOCK = dict(epochs=4, lr=1e-4, batch_size=2, held_out=2, weight="kl")
 
 
 def _run(case: str) -> dict:
@@ -61,20 +70,37 @@ def _run(case: str) -> dict:
         from .test_vlm_calibration import image_calibration, tiny_vlm
 
         model, ids = tiny_vlm("llava"), image_calibration("llava", seed=seed)
+    name, settings_ = CASE_UPDATES.get(case, (None, {}))
+    update = make_update(name, **settings_) if name else None
     report = rankcut.compress(model, rankcut.make_config(method, ratio=ratio, **settings), ids,
-                              batch_size=3)
+                              batch_size=3, update=update)
+    return _result(model, report)
+
+
+def _result(model, report) -> dict:
     factors = {name: [t.detach().clone() for t in module.factors()]
                for name, module in model.named_modules()
                if isinstance(module, rankcut.LowRankLinear)}
     return {"ranks": report.rank_map, "stage_losses": report.stage_losses,
-            "int8": report.int8_layout, "factors": factors}
+            "int8": report.int8_layout, "factors": factors,
+            "update_log": report.update.log if report.update else None}
+
+
+def _refined() -> dict:
+    """io-svd, then KL-weighted block refinement (``BLOCK``)."""
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama")
+    report = rankcut.compress(model, rankcut.make_config("io-svd", ratio=0.5,
+                                                         grad_batch_size=3),
+                              ids, batch_size=3, update=make_update("block", **BLOCK))
+    return _result(model, report)
 
 
 def _errors() -> dict[str, str]:
     """The messages of the runs a distributed compress must refuse."""
     ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
     refused = {"one batch": dict(batch_size=8),
-               "update": dict(update=make_update("refit"))}
+               "update": dict(update=make_update("lora"))}
     messages = {}
     for key, kwargs in refused.items():
         try:
@@ -86,16 +112,19 @@ def _errors() -> dict[str, str]:
 
 #: The cases also run streamed (``rankcut.compression.streaming``) by the two processes.
 STREAMED = ["svd-llm", "svd-llm-sequential", "svd-llm-v2", "zero-sum-some-grad-samples",
-            "io-svd-sample", "io-svd-exact", "io-svd-classic"]
+            "io-svd-sample", "io-svd-exact", "io-svd-classic", "svd-llm-anchored",
+            "svd-llm-refit"]
 
 
 def _stream(case: str, out: Path) -> None:
     """Compresses the sharded tiny Llama in ``out``/src as ``case`` says, streamed."""
     method, settings, seed, ratio = CASES[case]
     ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(seed))
+    name, update = CASE_UPDATES.get(case, (None, {}))
     streaming.compress_streaming(out / "src", out / f"streamed-{case}",
                                  rankcut.make_config(method, ratio=ratio, **settings), ids,
-                                 batch_size=3)
+                                 batch_size=3,
+                                 update=make_update(name, **update) if name else None)
 
 
 def _worker(rank: int, store: str, out: str) -> None:
@@ -104,6 +133,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     try:
         for case in CASES:
             torch.save(_run(case), Path(out) / f"{case}.{rank}.pt")
+        torch.save(_refined(), Path(out) / f"refined.{rank}.pt")
         torch.save(_errors(), Path(out) / f"errors.{rank}.pt")
         for case in STREAMED:
             _stream(case, Path(out))
@@ -163,7 +193,31 @@ def test_distributed_refusals_name_the_fix(two_processes):
     for rank in (0, 1):
         messages = torch.load(two_processes / f"errors.{rank}.pt")
         assert "in batches of 8 give 1 batch(es) for 2 processes" in messages["one batch"]
-        assert "refit update is not distributed" in messages["update"]
+        assert "lora update trains the whole model at once and is not distributed" in \
+            messages["update"]
+
+
+def test_two_processes_refine_blocks_data_parallel(two_processes):
+    """Block refinement under torchrun: both processes end with the same factors bit for
+    bit; the first block's held-out error before refinement is the one process's (the
+    same windows, the closed-form cut of the same ranks; a sum over processes in another
+    order), and no block gets worse on it."""
+    single = _refined()
+    ranks = [torch.load(two_processes / f"refined.{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["update_log"] == ranks[1]["update_log"]
+    for name, factors in ranks[0]["factors"].items():
+        for mine, theirs in zip(factors, ranks[1]["factors"][name], strict=True):
+            assert torch.equal(mine, theirs), f"{name}: the two processes differ"
+    assert ranks[0]["ranks"] == single["ranks"]
+    log = ranks[0]["update_log"]
+    assert [e["block"] for e in log] == [0, 1]
+    # block 1's inputs come from the refined block 0, which differs (data parallel steps)
+    assert log[0]["error_before"] == pytest.approx(single["update_log"][0]["error_before"],
+                                                   rel=1e-5)
+    for mine in log:
+        assert mine["error_after"] == min(mine["curve"]) <= mine["error_before"]
+        assert len(mine["curve"]) == BLOCK["epochs"] + 1
+    assert any(e["error_after"] < e["error_before"] for e in log)
 
 
 def test_helpers_without_a_process_group_change_nothing():

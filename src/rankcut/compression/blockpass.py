@@ -327,7 +327,17 @@ def _paired_moments(run: BlockRun, block, index: int, names: list[str], paired: 
     finally:
         for handle in handles:
             handle.remove()
+    _sum_over_processes(moments)
     return moments
+
+
+def _sum_over_processes(moments: dict[str, PairedMoments]) -> None:
+    """Sums every layer's moments over the torchrun processes, in place (no-op alone)."""
+    distributed.sum_tensors(t for m in moments.values() for t in (m.cc, m.oo, m.oc)
+                            if t is not None)
+    counts = distributed.sum_numbers(*(m.count for m in moments.values()))
+    for moment, count in zip(moments.values(), counts, strict=True):
+        moment.count = count
 
 
 def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:

@@ -182,12 +182,10 @@ def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
     if update is not None and update.whole_model and calibration.has_images:
         raise ConfigError(f"--update {update.name}: the lora update trains on text only; drop "
                           "--calib-images or use --update refit or block")
-    if getattr(config, "anchored", False) and distributed.world()[1] > 1:
-        raise ConfigError("the anchored objective is not distributed yet; run it in one "
-                          "process (without torchrun)")
-    if update is not None and distributed.world()[1] > 1:
-        raise ConfigError(f"the {update.name} update is not distributed; run it in one process "
-                          "(without torchrun)")
+    if update is not None and update.whole_model and distributed.world()[1] > 1:
+        raise ConfigError(f"the {update.name} update trains the whole model at once and is not "
+                          "distributed; run it in one process (without torchrun), or use "
+                          "--update refit or block, which are")
     if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
         raise CalibrationError(f"method {config.name!r} needs calibration token ids")
     if config.needs_input_stats and (calibration is None or calibration.numel() == 0):
@@ -819,13 +817,14 @@ class BlockRun:
     def _decompose_owned(self, owned: set[str], stats: dict, stored: bool, ranks: dict,
                          name: str):
         """The decomposition of ``name`` when this process owns it (else None): its stored
-        factors, or computed from its block's statistics. Before correction stages, a
-        factorized module's original weight (and, when computed here, its whitening) is
-        kept in the work folder."""
-        if name not in owned:
-            return None
+        factors, or computed from its block's statistics. Before correction stages or a
+        block-wise pass, a factorized module's original weight is kept in the work folder
+        (by every process: each reworks every layer) and, when computed here, its
+        whitening."""
         if self.durable and ranks[name] is not None:
             save_tensors(self.work.file("originals", name), {"w": self.targets[name].weight})
+        if name not in owned:
+            return None
         if stored:
             return StoredFactors.load(self.work, name)
         decomposition = self.spec.decompose(self.config, self.targets[name].weight,
@@ -1136,7 +1135,11 @@ class BlockRun:
                 save_tensors(work.file("grads", index, b), below or {"none": torch.zeros(1)})
         for w in weights:
             w.requires_grad_(False)
-        if residual is not None:
+        if residual_metric:  # every process sums, those without a gradient batch too
+            if residual is None:
+                width = self.acts(index, 0).shape[-1]
+                residual = torch.zeros(width, width, dtype=torch.float64, device=self.sm.device)
+            distributed.sum_tensors([residual])
             save_tensors(work.file("metric", index),
                          {"g": residual / max(1, work.progress["loss_tokens"])})
         distributed.sum_moments(hooks.stats)

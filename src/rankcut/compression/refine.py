@@ -9,7 +9,8 @@ held-out slice; the held-out error is measured before training and after every e
 best epoch's parameters are kept, and a block whose held-out error never improves keeps
 its closed-form factors, so the refinement never makes a block worse on held-out windows.
 It runs as a :func:`~rankcut.compression.blockpass.rework_blocks` pass, so memory holds one
-block and one batch, in memory and streamed alike.
+block and one batch, in memory and streamed alike. Under torchrun it is data parallel: each
+step trains on one batch of every process, their gradients averaged.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import distributed
 from ..errors import ConfigError
 from ..methods import setting
 from ..nn.modules import LowRankLinear
@@ -132,9 +134,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
     compressed stream against the original block's outputs (work files acts-original);
     keeps the best held-out epoch. Returns the block's log entry."""
     model = run.sm.model
-    held = max(1, math.ceil(config.held_out / config.batch_size))
-    train, test = list(range(len(run.batches) - held)), list(range(len(run.batches) - held,
-                                                                  len(run.batches)))
+    train, test, steps = _split_batches(len(run.batches), config)
     pairs = {name: TrainablePair.of(model.get_submodule(name), config.int8 == "frozen")
              for name in names}
     originals = {name: model.get_submodule(name) for name in names}
@@ -153,18 +153,23 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
         curve = [_held_out_error(run, block, index, test, error)]
         best, kept = curve[0], _snapshot(params)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        schedule = _warmup_cosine(optimizer, config.epochs * len(train))
+        schedule = _warmup_cosine(optimizer, config.epochs * steps)
         order = torch.Generator().manual_seed(config.seed * 100_003 + index)
         for _ in range(config.epochs):
-            for position in torch.randperm(len(train), generator=order).tolist():
-                b = train[position]
-                with training_precision(run.sm.device, config.precision):
-                    output = run.run(block, index, b)
-                loss = error(output.float(), _target(run, index, b))
-                if not torch.isfinite(loss):
+            for position in torch.randperm(steps, generator=order).tolist():
+                finite = True
+                if position < len(train):  # a process with fewer batches sits out a step
+                    b = train[position]
+                    with training_precision(run.sm.device, config.precision):
+                        output = run.run(block, index, b)
+                    loss = error(output.float(), _target(run, index, b))
+                    finite = bool(torch.isfinite(loss))
+                    if finite:
+                        loss.backward()
+                if distributed.sum_numbers(int(not finite))[0]:  # every process stops
                     raise ConfigError(f"block {index} refinement: the loss became non-finite; "
                                       "lower --block-lr")
-                loss.backward()
+                _average_over_processes(params, position < len(train))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
@@ -223,6 +228,37 @@ class TrainablePair(nn.Module):
         return rebuilt.to(layer.weight_u.device)
 
 
+def _split_batches(batches: int, config: BlockRefineConfig
+                   ) -> tuple[list[int], list[int], int]:
+    """This process's training and held-out batches (local numbers) and the optimizer steps
+    per epoch. The held-out slice is the last ``held_out`` samples' batches of the whole
+    calibration; under torchrun each process holds global batches rank, rank + W, ...
+    (``distributed.my_batches``) and a step trains on one batch of every process (data
+    parallel, so W batches per step), for as many steps as the process with the most."""
+    rank, size = distributed.world()
+    total = distributed.sum_numbers(batches)[0]
+    held = max(1, math.ceil(config.held_out / config.batch_size))
+    first_held = total - held
+    train = [j for j in range(batches) if rank + j * size < first_held]
+    test = [j for j in range(batches) if rank + j * size >= first_held]
+    return train, test, math.ceil(first_held / size)
+
+
+def _average_over_processes(params: list[nn.Parameter], stepped: bool) -> None:
+    """Replaces every gradient by its mean over the processes that trained on a batch this
+    step (``stepped``), in place; no-op in one process."""
+    if distributed.world()[1] == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not stepped:
+        for g in grads:
+            g.zero_()
+    distributed.sum_tensors(grads)
+    processes = distributed.sum_numbers(int(stepped))[0]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g / processes
+
+
 def training_precision(device: torch.device | str, precision: str
                        ) -> contextlib.AbstractContextManager:
     """The context of a training forward: bf16 autocast on a CUDA ``device`` that supports
@@ -268,6 +304,7 @@ def _held_out_error(run: BlockRun, block: nn.Module, index: int, batches: list[i
             target = _target(run, index, b)
             total += error(run.run(block, index, b).float(), target).item() * target.numel()
             elements += target.numel()
+    total, elements = distributed.sum_numbers(total, elements)
     return total / elements
 
 
