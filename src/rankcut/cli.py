@@ -301,8 +301,8 @@ def _compress_settings(args: argparse.Namespace):
         ConfigError: a setting out of range, or one that its method or update does not take.
     """
     from . import methods, recipes
-    from .calibration import distributed
     from .compression import update
+    from .compression.engine import check_processes
 
     if args.recipe:
         recipes.expand_flags(args.recipe, args, methods.DEFAULT_METHOD)
@@ -317,10 +317,7 @@ def _compress_settings(args: argparse.Namespace):
             raise update.ConfigError(f"{flag} needs --update {name}")
         settings.update({f"{name}_{key}": value for key, value in given.items()})
     update_config = update.make_update(args.update, **settings)
-    if update_config is not None and update_config.whole_model and distributed.world()[1] > 1:
-        raise update.ConfigError(f"--update {args.update} trains the whole model at once and is "
-                                 "not distributed; run it without torchrun, or use --update "
-                                 "refit or block, which are")
+    check_processes(update_config)
     rank_map = _read_rank_map(args.rank_map) if args.rank_map else None
     return config, update_config, rank_map
 

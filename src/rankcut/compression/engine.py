@@ -171,8 +171,18 @@ class CompressionReport:
 
 
 
+def check_processes(update) -> None:
+    """Refuses, under torchrun, an update that trains the whole model at once (lora and the
+    chains ending in it); the block-wise ones are distributed."""
+    if update is not None and update.whole_model and distributed.world()[1] > 1:
+        raise ConfigError(f"the {update.name} update trains the whole model at once and is not "
+                          "distributed; run it in one process (without torchrun), or use "
+                          "--update refit or block, which are")
+
+
 def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
     """Refuses what a run cannot do, before any work (see ``pipeline.compress``'s errors)."""
+    check_processes(update)
     if update is not None and (calibration is None or calibration.numel() == 0):
         raise ConfigError(f"the {update.name} update needs calibration token ids")
     if update is not None and update.needs_output_metric and not config.needs_output_stats:
@@ -182,10 +192,6 @@ def check_inputs(model, config, targets, calibration, rank_map, update) -> None:
     if update is not None and update.whole_model and calibration.has_images:
         raise ConfigError(f"--update {update.name}: the lora update trains on text only; drop "
                           "--calib-images or use --update refit or block")
-    if update is not None and update.whole_model and distributed.world()[1] > 1:
-        raise ConfigError(f"the {update.name} update trains the whole model at once and is not "
-                          "distributed; run it in one process (without torchrun), or use "
-                          "--update refit or block, which are")
     if config.needs_row_fisher and (calibration is None or calibration.numel() == 0):
         raise CalibrationError(f"method {config.name!r} needs calibration token ids")
     if config.needs_input_stats and (calibration is None or calibration.numel() == 0):
