@@ -172,8 +172,57 @@ def test_kl_weighted_refinement_uses_the_io_svd_metric(ids):
     with pytest.raises(ConfigError, match="--block-weight kl weights the block error by "
                                           "IO-SVD's output metric"):
         _refined(ids, method="svd-llm", weight="kl")
-    with pytest.raises(ConfigError, match="block weight must be 'mse' or 'kl'"):
+    with pytest.raises(ConfigError, match="block weight must be one of mse, normed, kl"):
         make_update("block", weight="l1")
+
+
+def test_the_reading_norm_is_the_next_input_norm_then_the_final_norm():
+    """``reading_norm`` copies (frozen, not shared) the next block's input norm, and after
+    the last block the final norm beside the block list."""
+    from types import SimpleNamespace
+
+    from rankcut.compression.refine import reading_norm
+
+    for kind, final in (("llama", "model.norm"), ("gemma3", "model.norm"),
+                        ("opt", "model.decoder.final_layer_norm")):
+        model = tiny_model(kind)
+        prefix = "model.decoder.layers" if kind == "opt" else "model.layers"
+        blocks = model.get_submodule(prefix)
+        run = SimpleNamespace(sm=SimpleNamespace(model=model, blocks=blocks, prefix=prefix,
+                                                 device=torch.device("cpu")))
+        first = "self_attn_layer_norm" if kind == "opt" else "input_layernorm"
+        with torch.no_grad():
+            for norm in (blocks[1].get_submodule(first), model.get_submodule(final)):
+                norm.weight.add_(torch.rand(norm.weight.shape))  # tell the norms apart
+        for index, expected in ((0, blocks[1].get_submodule(first)),
+                                (len(blocks) - 1, model.get_submodule(final))):
+            norm = reading_norm(run, index)
+            assert norm is not expected and type(norm) is type(expected), kind
+            assert torch.equal(norm.weight, expected.weight), (kind, index)
+            assert not norm.weight.requires_grad
+
+
+def test_normed_refinement_measures_the_error_after_the_next_norm(ids):
+    """``weight="normed"``: block 0's held-out error before training is the mean squared
+    error between the next block's input norm of the compressed and of the original
+    block output (both fed the embeddings); the refinement never makes it worse."""
+    import torch.nn.functional as F
+
+    original, plain = tiny_model("llama"), tiny_model("llama")
+    rankcut.compress(plain, make_config("svd-llm", ratio=0.5), ids, batch_size=4)
+    held = ids[-4:]
+    with torch.no_grad():
+        norm = original.model.layers[1].input_layernorm
+        ours = plain(held, output_hidden_states=True).hidden_states[1]
+        theirs = original(held, output_hidden_states=True).hidden_states[1]
+        expected = F.mse_loss(norm(ours), norm(theirs)).item()
+        raw = F.mse_loss(ours, theirs).item()
+    _, normed = _refined(ids, weight="normed")
+    log = normed.update.log
+    assert log[0]["error_before"] == pytest.approx(expected, rel=1e-4)
+    assert abs(log[0]["error_before"] - raw) > 1e-3 * raw  # not the plain error
+    assert all(e["error_after"] <= e["error_before"] for e in log)
+    assert any(e["error_after"] < 0.99 * e["error_before"] for e in log)
 
 
 def test_int8_rows_are_requantized_or_kept_frozen(ids):

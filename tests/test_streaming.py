@@ -106,6 +106,9 @@ CASES = [
     # block refinement, norms too
     ("qwen2", "io-svd", {"block": {"epochs": 2, "lr": 1e-3, "norms": True,
                                     "held_out": 2, "batch_size": 2}}),
+    # ... in the error after the next norm (loaded from the shards for the copy)
+    ("gemma3", "svd-llm", {"block": {"epochs": 2, "lr": 1e-3, "weight": "normed",
+                                     "held_out": 2, "batch_size": 2}}),
 ]
 
 

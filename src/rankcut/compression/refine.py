@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +37,10 @@ from .workfolder import load_tensors
 logger = logging.getLogger(__name__)
 
 
+#: The errors block refinement can tune on (``BlockRefineConfig.weight``).
+WEIGHTS = ("mse", "normed", "kl")
+
+
 @dataclass(frozen=True)
 class BlockRefineConfig:
     """Block-wise refinement of the factors after truncation.
@@ -48,7 +53,10 @@ class BlockRefineConfig:
         norms: also tune the block's norm weights.
         weight_decay: AdamW's weight decay.
         seed: seed of the training batch order.
-        weight: ``"mse"``, the mean squared error of the block's output; ``"kl"``, that
+        weight: ``"mse"``, the mean squared error of the block's output; ``"normed"``,
+            that error after the norm that reads the block's output (the next block's
+            input norm; the final norm after the last block), so that neither a few
+            massive channels nor the attention-sink token dominate it; ``"kl"``, the
             error weighted by IO-SVD's output metric at the block's output (io-svd only).
         int8: the int8 rows of a remap: ``"requantize"`` trains them with the rest and
             quantizes them again; ``"frozen"`` keeps them as they are (no gradient).
@@ -67,9 +75,10 @@ class BlockRefineConfig:
     norms: bool = setting(False, "also tune the block's norm weights")
     weight_decay: float = setting(0.0, "AdamW weight decay of block refinement")
     seed: int = setting(0, "seed of the block refinement's batch order")
-    weight: str = setting("mse", "block refinement error: plain mean squared error, or "
-                                 "weighted by IO-SVD's KL output metric (io-svd)",
-                          ("mse", "kl"))
+    weight: str = setting("mse", "block refinement error: plain mean squared error, the "
+                                 "error after the norm that reads the block's output "
+                                 "(normed), or weighted by IO-SVD's KL output metric "
+                                 "(io-svd)", WEIGHTS)
     int8: str = setting("requantize", "int8 rows of a remap during block refinement: trained "
                                       "and quantized again, or kept frozen",
                         ("requantize", "frozen"))
@@ -84,8 +93,9 @@ class BlockRefineConfig:
             raise ConfigError(f"block lr must be a positive number; got {self.lr!r}")
         if not 0.0 <= self.weight_decay < 1.0:
             raise ConfigError(f"block weight_decay must be in [0, 1); got {self.weight_decay!r}")
-        if self.weight not in ("mse", "kl"):
-            raise ConfigError(f"block weight must be 'mse' or 'kl'; got {self.weight!r}")
+        if self.weight not in WEIGHTS:
+            raise ConfigError(f"block weight must be one of {', '.join(WEIGHTS)}; "
+                              f"got {self.weight!r}")
         if self.int8 not in ("requantize", "frozen"):
             raise ConfigError(f"block int8 must be 'requantize' or 'frozen'; got {self.int8!r}")
         if self.precision not in ("auto", "float32"):
@@ -276,12 +286,22 @@ def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
 
 def _error_of(run: BlockRun, index: int, weight: str):
     """The error ``(output, target) -> mean per element`` that block ``index`` is tuned on:
-    the mean squared error, or with ``weight="kl"`` the squared error in the metric
-    G = IO-SVD's output metric at the block's output (work file metric/<index>), scaled to
-    a mean diagonal of one and damped by 1% of the identity: mean of ‖(y − t) L‖² / d with
-    G = L Lᵀ."""
+    the mean squared error; with ``weight="normed"`` that error after the norm that reads
+    the block's output (:func:`reading_norm`); with ``weight="kl"`` the squared error in
+    the metric G = IO-SVD's output metric at the block's output (work file
+    metric/<index>), scaled to a mean diagonal of one and damped by 1% of the identity:
+    mean of ‖(y − t) L‖² / d with G = L Lᵀ."""
     if weight == "mse":
         return F.mse_loss
+    if weight == "normed":
+        norm = reading_norm(run, index)
+
+        def normed(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                reference = norm(target).float()
+            return F.mse_loss(norm(output).float(), reference)
+
+        return normed
     g = load_tensors(run.work.file("metric", index), run.sm.device)["g"].double()
     d = g.shape[0]
     g = g / g.diagonal().mean().clamp_min(1e-300) + 1e-2 * torch.eye(d, dtype=g.dtype,
@@ -292,6 +312,28 @@ def _error_of(run: BlockRun, index: int, weight: str):
         return ((output - target) @ factor).pow(2).mean()
 
     return weighted
+
+
+def reading_norm(run: BlockRun, index: int) -> nn.Module:
+    """A frozen copy of the norm that reads block ``index``'s output: the first norm among
+    the next block's direct children (its input norm), or after the last block the final
+    norm beside the block list. Loads it for the copy when streamed.
+
+    Raises:
+        ConfigError: the model has no such norm (``--block-weight normed`` cannot apply).
+    """
+    sm = run.sm
+    last = index + 1 == len(sm.blocks)
+    owner = sm.model.get_submodule(sm.prefix.rpartition(".")[0]) if last else sm.blocks[index + 1]
+    norm = next((m for m in owner.children() if _is_norm(m)), None)
+    if norm is None:
+        raise ConfigError(f"block weight 'normed': no norm reads the output of block {index} "
+                          f"(none among the direct children of {type(owner).__name__}); "
+                          "use --block-weight mse")
+    loaded = norm.weight.device.type != "meta"
+    with contextlib.nullcontext() if loaded else sm.parts([norm]):
+        copy = deepcopy(norm)
+    return copy.to(sm.device).requires_grad_(False)
 
 
 def _held_out_error(run: BlockRun, block: nn.Module, index: int, batches: list[int],
