@@ -522,6 +522,9 @@ class BlockRun:
         self.correcting = getattr(config, "stages", 1) > 1
         # every process keeps its blocks and the original weights (stages, a refit)
         self.durable = self.correcting
+        # a block-wise pass follows (anchored, refit, block): every process reads every
+        # layer's original weight, not only the layers it decomposed
+        self.reworked = False
         # write each block's output metric (IO-SVD's KL metric on the residual stream) for
         # the KL-weighted block refinement: work files metric/<block>
         self.block_metric = False
@@ -825,9 +828,10 @@ class BlockRun:
         """The decomposition of ``name`` when this process owns it (else None): its stored
         factors, or computed from its block's statistics. Before correction stages or a
         block-wise pass, a factorized module's original weight is kept in the work folder
-        (by every process: each reworks every layer) and, when computed here, its
-        whitening."""
-        if self.durable and ranks[name] is not None:
+        (by its owner for the stages; by every process before a block-wise pass, which
+        reworks every layer on each) and, when computed here, its whitening."""
+        if (self.durable and ranks[name] is not None
+                and (name in owned or self.reworked)):
             save_tensors(self.work.file("originals", name), {"w": self.targets[name].weight})
         if name not in owned:
             return None
