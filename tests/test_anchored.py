@@ -81,6 +81,31 @@ def test_anchored_keeps_a_global_allocation(calib_ids):
                                          for rank in report.rank_map.values())
 
 
+def test_io_svd_cuts_again_in_its_output_metric(calib_ids, monkeypatch):
+    """io-svd's anchored cut gets each layer's output whitening T (m×m, from the KL metric
+    its ranks were chosen with) and logs its error in that metric; svd-llm's gets none."""
+    from rankcut.compression import blockpass
+
+    seen = {}
+
+    def spy(model, name, weight, moments, metric=None):
+        seen[name] = metric
+        return anchor_layer(model, name, weight, moments, metric)
+
+    anchor_layer = blockpass.anchor_layer
+    monkeypatch.setattr(blockpass, "anchor_layer", spy)
+    model, report = _anchored(calib_ids, "io-svd")
+    assert set(seen) == {e["module"] for e in report.anchor_log}
+    for name, metric in seen.items():
+        rows = model.get_submodule(name).out_features
+        assert metric is not None and metric.root.shape == (rows, rows), name
+    assert all(e["error_after"] <= e["error_before"] for e in report.anchor_log)
+    assert any(e["error_after"] < 0.99 * e["error_before"] for e in report.anchor_log)
+    seen.clear()
+    _anchored(calib_ids)
+    assert seen and all(metric is None for metric in seen.values())
+
+
 def test_anchored_settings_are_validated():
     with pytest.raises(ConfigError, match="unknown objective"):
         make_config("svd-llm", objective="anchor")

@@ -50,6 +50,8 @@ CASES = {
     "io-svd-images": ("io-svd", {"grad_batch_size": 3}, 5, 0.3),
     "svd-llm-images": ("svd-llm", {}, 5, 0.3),
     "svd-llm-anchored": ("svd-llm", {"objective": "anchored"}, 1, 0.3),
+    # in io-svd's output metric: every process needs every layer's output whitening
+    "io-svd-anchored": ("io-svd", {"objective": "anchored", "grad_batch_size": 3}, 1, 0.3),
     "svd-llm-refit": ("svd-llm", {}, 1, 0.3),
 }
 #: The cases above that end with a block-wise update: its name and settings.
@@ -113,7 +115,7 @@ def _errors() -> dict[str, str]:
 #: The cases also run streamed (``rankcut.compression.streaming``) by the two processes.
 STREAMED = ["svd-llm", "svd-llm-sequential", "svd-llm-v2", "zero-sum-some-grad-samples",
             "io-svd-sample", "io-svd-exact", "io-svd-classic", "svd-llm-anchored",
-            "svd-llm-refit"]
+            "io-svd-anchored", "svd-llm-refit"]
 
 
 def _stream(case: str, out: Path) -> None:

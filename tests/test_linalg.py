@@ -224,6 +224,48 @@ def test_anchored_objective_reduces_to_svd_llm_when_the_inputs_agree():
     torch.testing.assert_close(a_u @ a_v, p_u @ p_v, rtol=1e-8, atol=1e-10)
 
 
+def _output_metric(m=24, seed=6):
+    """T with T Tᵀ = C, a random positive definite output metric (as io-svd's KL metric)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(m, m, generator=g, dtype=torch.float64)
+    return linalg.cholesky_whitening(mix @ mix.T / m + 0.1 * torch.eye(m, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rank", [1, 6, 12])
+def test_anchored_cut_in_an_output_metric_drops_sigma_in_that_metric(rank):
+    """With io-svd's output whitening T, the anchored cut solves min ‖Tᵀ(W X − W′ X′)‖:
+    its error in that metric is the dropped σ² above the unconstrained optimum (which T
+    does not move), and it beats the input-only anchored cut there."""
+    w, x, x_prime = _anchored_pair()
+    tokens, metric = x.shape[0], _output_metric()
+    whitening = linalg.cholesky_whitening(_moment(x_prime).mean())
+    decomposition = linalg.decompose(w, input_whitening=whitening, output_whitening=metric,
+                                     cross=x.T @ x_prime / tokens)
+    target = x @ w.T
+    optimum = torch.linalg.lstsq(x_prime, target).solution.T
+
+    def error(approx):
+        return ((target - x_prime @ approx.T) @ metric.root).square().sum() / tokens
+
+    w_u, w_v = decomposition.factors(rank)
+    assert float(error(w_u @ w_v) - error(optimum)) == pytest.approx(
+        decomposition.truncation_loss(rank), rel=1e-8)
+    i_u, i_v = _anchored(w, x, x_prime).factors(rank)
+    assert error(w_u @ w_v) < error(i_u @ i_v)
+
+
+def test_anchored_cut_in_an_output_metric_reduces_to_io_svd_when_the_inputs_agree():
+    w, x = _data(seed=5)
+    metric, whitening = _output_metric(), linalg.cholesky_whitening(_moment(x).mean())
+    anchored = linalg.decompose(w, input_whitening=whitening, output_whitening=metric,
+                                cross=x.T @ x / x.shape[0])
+    two_sided = linalg.decompose(w, input_whitening=whitening, output_whitening=metric)
+    torch.testing.assert_close(anchored.sigma, two_sided.sigma, rtol=1e-9, atol=1e-12)
+    a_u, a_v = anchored.factors(7)
+    p_u, p_v = two_sided.factors(7)
+    torch.testing.assert_close(a_u @ a_v, p_u @ p_v, rtol=1e-8, atol=1e-10)
+
+
 def test_anchored_objective_needs_a_whitening():
     w, x = _data()
     with pytest.raises(ValueError, match="whitening"):

@@ -235,8 +235,9 @@ RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
            ("zero-sum", {"include": HEAD_TOO, "stages": 3, "head_rank": 8}, "stage", 2),
            # the refit: killed after its first block (both streams are work files)
            ("svd-llm", {"update": "original"}, "refit", 1),
-           # the anchored re-cut: killed after its first block
-           ("svd-llm", {"objective": "anchored"}, "anchor", 1),
+           # the anchored re-cut (io-svd's, in its output metric: the output whitenings
+           # are work files too): killed after its first block
+           ("io-svd", {"objective": "anchored"}, "anchor", 1),
            # block refinement (KL-weighted: the metric files are work files too): killed
            # after its first block
            ("io-svd", {"block": {"epochs": 2, "lr": 1e-3, "held_out": 2, "batch_size": 2,

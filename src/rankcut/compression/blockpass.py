@@ -29,7 +29,7 @@ from ..calibration.blocks import run_block
 from ..calibration.data import Calibration
 from ..core import linalg
 from ..nn.modules import LowRankLinear
-from .engine import BlockRun, save_block
+from .engine import BlockRun, load_whitening, save_block
 from .workfolder import load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -169,11 +169,16 @@ def swap_factors(model: nn.Module, name: str, w_u: torch.Tensor, w_v: torch.Tens
     model.set_submodule(name, rebuilt.to(old_u.device))
 
 
-def paired_error(weight: torch.Tensor, approx: torch.Tensor, moments: PairedMoments) -> float:
+def paired_error(weight: torch.Tensor, approx: torch.Tensor, moments: PairedMoments,
+                 metric: linalg.Whitening | None = None) -> float:
     """E‖W x_o − W′ x_c‖² per token (float64) from the paired moments: W the original
-    layer, W′ = ``approx``; x_o = x_c when the moments are not paired."""
+    layer, W′ = ``approx``; x_o = x_c when the moments are not paired. With ``metric`` T,
+    the error is measured on Tᵀ(W x_o − W′ x_c) (the output metric T Tᵀ)."""
     device = moments.cc.device
     w, a = (t.detach().to(device, torch.float64) for t in (weight, approx))
+    if metric is not None:
+        root = metric.root.to(device, torch.float64)
+        w, a = root.T @ w, root.T @ a
     oo, oc = moments.target_moments()
     total = (torch.einsum("ij,jk,ik->", w, oo, w) - 2 * torch.einsum("ij,jk,ik->", w, oc, a)
              + torch.einsum("ij,jk,ik->", a, moments.cc, a))
@@ -184,30 +189,39 @@ def anchor_blocks(run: BlockRun, calibration: Calibration, batch_size: int) -> l
     """Cuts every factorized layer of the decoder blocks again, at its rank, by the anchored
     objective min ‖W X − W′ X′‖: a :func:`rework_blocks` pass with paired moments.
 
-    A layer keeps its first cut when the anchored one does not lower that error (it is the
-    objective's optimum, so only damping can make it worse).
+    For io-svd the error is measured in its output metric, min ‖Tᵀ(W X − W′ X′)‖ with T
+    the layer's output whitening from the compression (work files whitening/<layer>): the
+    anchored cut keeps the two-sided whitening that chose the ranks. A layer keeps its first
+    cut when the anchored one does not lower that error (it is the objective's optimum, so
+    only damping can make it worse).
 
     Returns:
         One {module, error_before, error_after, relative_after} entry per layer (errors
         per token, relative to E‖W x‖²).
     """
-    return rework_blocks(run, "anchor", calibration, batch_size, True, anchor_layer)
+    def anchor(model: nn.Module, name: str, weight: torch.Tensor, moments: PairedMoments
+               ) -> dict:
+        metric = load_whitening(run.work, name)[1] if run.anchored_metric else None
+        return anchor_layer(model, name, weight, moments, metric)
+
+    return rework_blocks(run, "anchor", calibration, batch_size, True, anchor)
 
 
-def anchor_layer(model: nn.Module, name: str, weight: torch.Tensor, moments: PairedMoments
-                 ) -> dict:
+def anchor_layer(model: nn.Module, name: str, weight: torch.Tensor, moments: PairedMoments,
+                 metric: linalg.Whitening | None = None) -> dict:
     """Cuts layer ``name`` again at its rank from its original ``weight`` by the anchored
-    objective, unless that does not lower the paired error; returns the log entry."""
+    objective (in the output ``metric`` T when given), unless that does not lower the
+    paired error; returns the log entry."""
     layer: LowRankLinear = model.get_submodule(name)
     w_u, w_v = layer.factors()
     count = max(1, moments.count)
     whitening = linalg.cholesky_whitening(moments.cc / count, overwrite=True)
     decomposition = linalg.decompose(weight, input_whitening=whitening,
-                                     cross=moments.oc / count)
+                                     output_whitening=metric, cross=moments.oc / count)
     new_u, new_v = decomposition.factors(w_u.shape[1])
-    before = paired_error(weight, w_u.double() @ w_v.double(), moments)
-    after = paired_error(weight, new_u @ new_v, moments)
-    scale = paired_error(weight, torch.zeros_like(new_u @ new_v), moments)
+    before = paired_error(weight, w_u.double() @ w_v.double(), moments, metric)
+    after = paired_error(weight, new_u @ new_v, moments, metric)
+    scale = paired_error(weight, torch.zeros_like(new_u @ new_v), moments, metric)
     if torch.isfinite(new_u).all() and torch.isfinite(new_v).all() and after <= before:
         swap_factors(model, name, new_u, new_v)
     else:

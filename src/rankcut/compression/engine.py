@@ -525,6 +525,9 @@ class BlockRun:
         # a block-wise pass follows (anchored, refit, block): every process reads every
         # layer's original weight, not only the layers it decomposed
         self.reworked = False
+        # the anchored re-cut follows and measures its error in the method's output metric
+        # (io-svd): every process keeps every layer's output whitening T
+        self.anchored_metric = False
         # write each block's output metric (IO-SVD's KL metric on the residual stream) for
         # the KL-weighted block refinement: work files metric/<block>
         self.block_metric = False
@@ -653,9 +656,11 @@ class BlockRun:
     def _resume_files(self, mode: str) -> list[tuple[Path, tuple[str, int] | None]]:
         """The work files the committed progress relies on, each with the step (name,
         count) to go back to when it is damaged, or None to start over."""
-        metrics = [self.work.where("metric", i) for i in range(
-            len(self.sm.blocks) - self.work.done("backward"), len(self.sm.blocks))
-            ] if self.block_metric else []
+        backed = range(len(self.sm.blocks) - self.work.done("backward"), len(self.sm.blocks))
+        metrics = [self.work.where("metric", i) for i in backed] if self.block_metric else []
+        if self.anchored_metric:  # the output whitening of every layer the backward reached
+            metrics += [self.work.where("whitening", name) for i in backed
+                        for name in self.by_block.get(i, [])]
         return (self._block_resume_files(mode)
                 + [(f, None) for f in self._outside_files(mode) + metrics])
 
@@ -840,7 +845,8 @@ class BlockRun:
         decomposition = self.spec.decompose(self.config, self.targets[name].weight,
                                             _last_use(stats, name), None)
         if self.correcting and ranks[name] is not None:
-            save_whitening(self.work, name, decomposition)
+            save_whitening(self.work, name, decomposition.input_whitening,
+                           decomposition.output_whitening)
         return decomposition
 
     # -- methods that decompose everything first, then allocate -------------------------
@@ -877,6 +883,11 @@ class BlockRun:
         (``self.scoring``) and the row loss changes (``self.loss_aware``)."""
         config = self.config
         with torch.no_grad():
+            if self.anchored_metric:  # every process re-cuts every layer in this metric
+                for name in set(names) - set(distributed.mine(names)):
+                    if outputs.get(name) is not None:
+                        save_whitening(self.work, name, None, linalg.cholesky_whitening(
+                            _last_use(outputs, name).mean(), overwrite=True))
             for name in distributed.mine(names):
                 moment = _last_use(stats, name)
                 decomposition = self.spec.decompose(config, self.targets[name].weight, moment,
@@ -890,8 +901,9 @@ class BlockRun:
                         decomposition, decomposition.sigma.numel(), grad)
                 StoredFactors.save(self.work, name, decomposition, extra,
                                    moment.count if moment is not None else 0)
-                if self.correcting:
-                    save_whitening(self.work, name, decomposition)
+                if self.correcting or self.anchored_metric:
+                    save_whitening(self.work, name, decomposition.input_whitening,
+                                   decomposition.output_whitening)
                 del decomposition, moment, grad
 
     def store_by_backward(self, scoring: bool) -> None:
@@ -1418,12 +1430,13 @@ class StoredFactors:
 
 
 
-def save_whitening(work: WorkFolder, name: str, decomposition: linalg.Decomposition) -> None:
+def save_whitening(work: WorkFolder, name: str, input_whitening: linalg.Whitening | None,
+                   output_whitening: linalg.Whitening | None) -> None:
     """Keeps the whitening roots S and T of ``name``'s decomposition (float64) for the
-    correction stages, which re-cut corrected weights in the same basis."""
+    correction stages, which re-cut corrected weights in the same basis, and T for the
+    anchored re-cut in the output metric."""
     tensors = {}
-    for side, whitening in (("s", decomposition.input_whitening),
-                            ("t", decomposition.output_whitening)):
+    for side, whitening in (("s", input_whitening), ("t", output_whitening)):
         if whitening is not None:
             tensors[f"{side}_root"] = whitening.root
             tensors[f"{side}_kind"] = torch.tensor([WHITENING_KINDS.index(whitening.kind)])

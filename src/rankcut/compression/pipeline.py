@@ -163,6 +163,7 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
     anchored = getattr(config, "anchored", False)
     run.durable = run.correcting or refit or anchored
     run.reworked = refit or anchored
+    run.anchored_metric = anchored and config.needs_output_stats
     run.block_metric = block_metric
     if config.needs_output_stats and calibration is not None:
         grad_samples = getattr(config, "grad_samples", None) or calibration.shape[0]
