@@ -42,6 +42,22 @@ def test_a_refined_block_is_never_worse_on_the_held_out_windows(ids):
     assert report.rank_map == {m.name: m.rank for m in report.modules}
 
 
+def test_a_block_the_allocation_kept_dense_is_scored_not_tuned(ids):
+    """A global allocation can keep every layer of a block dense (Gemma-3-270M at 0.2):
+    that block has nothing to tune and is only scored; the others are refined."""
+    model = tiny_model("llama")
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    rank_map = {n: None if n.startswith("model.layers.0.") else 4 for n in names}
+    update = make_update("block", epochs=3, lr=1e-3, held_out=4, batch_size=4)
+    report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), ids, batch_size=4,
+                              update=update, rank_map=rank_map)
+    first, second = report.update.log
+    assert first["curve"] == [first["error_before"]] == [first["error_after"]]
+    assert first["error_before"] == 0.0  # the dense block 0 on the same inputs
+    assert len(second["curve"]) == 4 and second["error_after"] <= second["error_before"]
+
+
 def test_a_block_that_does_not_improve_keeps_its_closed_form_factors(ids):
     """A learning rate far too high makes every epoch worse: each block is put back as
     the closed-form cut left it, bit for bit."""

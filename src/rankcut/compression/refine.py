@@ -142,9 +142,15 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
                  config: BlockRefineConfig) -> dict:
     """Tunes block ``index`` (its low-rank layers ``names`` of ``run.sm.model``) on the
     compressed stream against the original block's outputs (work files acts-original);
-    keeps the best held-out epoch. Returns the block's log entry."""
+    keeps the best held-out epoch. Returns the block's log entry (a block with nothing to
+    tune, every layer kept dense by the allocation and ``norms`` off, is only scored)."""
     model = run.sm.model
     train, test, steps = _split_batches(len(run.batches), config)
+    if not names and not config.norms:
+        error = _held_out_error(run, block, index, test, _error_of(run, index, config.weight))
+        logger.info("block %d: no low-rank layer to refine (held-out error %.4g)", index, error)
+        return {"block": index, "error_before": error, "error_after": error, "best_epoch": 0,
+                "curve": [error]}
     pairs = {name: TrainablePair.of(model.get_submodule(name), config.int8 == "frozen")
              for name in names}
     originals = {name: model.get_submodule(name) for name in names}
