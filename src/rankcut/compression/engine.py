@@ -520,8 +520,6 @@ class BlockRun:
         self._kwargs: list[dict] | None = None
         self.compressed = False  # blocks come from the work shards (correction stages)
         self.correcting = getattr(config, "stages", 1) > 1
-        # every process keeps its blocks and the original weights (stages, a refit)
-        self.durable = self.correcting
         # a block-wise pass follows (anchored, refit, block): every process reads every
         # layer's original weight, not only the layers it decomposed
         self.reworked = False
@@ -531,6 +529,12 @@ class BlockRun:
         # write each block's output metric (IO-SVD's KL metric on the residual stream) for
         # the KL-weighted block refinement: work files metric/<block>
         self.block_metric = False
+
+    @property
+    def durable(self) -> bool:
+        """Whether every process keeps its blocks and the original weights (correction
+        stages, or a block-wise pass after the cut)."""
+        return self.correcting or self.reworked
 
     @property
     def spec(self):

@@ -161,7 +161,6 @@ def compress_blocks(sm: Executor, work: WorkFolder, report: CompressionReport,
     batches, grad_batches = _calibration_batches(config, calibration, batch_size)
     run = BlockRun(sm, work, config, targets, batches, grad_batches)
     anchored = getattr(config, "anchored", False)
-    run.durable = run.correcting or refit or anchored
     run.reworked = refit or anchored
     run.anchored_metric = anchored and config.needs_output_stats
     run.block_metric = block_metric
