@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
+from socket import gethostname
 
 import pytest
 import torch
@@ -347,3 +349,54 @@ def test_export_guards_its_output_and_verifies_its_input(saved, tmp_path, capsys
     assert main([*export, str(tmp_path / "dense2")]) == 2
     assert "does not match the sha256" in error_line(capsys)
     assert not (tmp_path / "dense2").exists()
+
+
+def orphaned_scratch(root: Path, prefix: str) -> Path:
+    """The scratch folder of a process that ended without cleaning up (as a SIGKILL leaves
+    it): a child process enters ``scratch_folder``, writes a work file and exits at once."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from rankcut.compression.workfolder import scratch_folder\n"
+            f"with scratch_folder({prefix!r}, {str(root)!r}) as folder:\n"
+            "    (folder / 'acts.safetensors').write_bytes(b'x' * 1000)\n"
+            "    print(folder, flush=True)\n"
+            "    os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    folder = Path(out.stdout.strip())
+    assert (folder / "acts.safetensors").exists()
+    return folder
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
+    from rankcut.compression.workfolder import SCRATCH_OWNER, scratch_folder
+
+    orphan = orphaned_scratch(tmp_path, "rankcut-work-")
+    users = tmp_path / "rankcut-work-mine"  # the same prefix, not written by rankcut
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    live = tmp_path / "rankcut-work-live"  # a run still going (this process)
+    live.mkdir()
+    (live / SCRATCH_OWNER).write_text(json.dumps({"pid": os.getpid(), "host": gethostname()}))
+    elsewhere = tmp_path / "rankcut-work-elsewhere"  # a run on another host sharing /tmp
+    elsewhere.mkdir()
+    (elsewhere / SCRATCH_OWNER).write_text(json.dumps({"pid": 2**22 + 1, "host": "other"}))
+    with scratch_folder("rankcut-work-", tmp_path) as folder:
+        assert folder.exists() and not orphan.exists()
+    assert not folder.exists()
+    assert (users / "notes.txt").read_text() == "keep me"
+    assert live.exists() and elsewhere.exists()
+
+
+def test_in_memory_compress_leaves_no_scratch_and_sweeps_a_killed_one(tmp_path, monkeypatch,
+                                                                      calib_ids):
+    import tempfile
+
+    orphan = orphaned_scratch(tmp_path, "rankcut-work-")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_model("llama")
+    rankcut.compress(model, rankcut.make_config("svd-llm", ratio=0.3), calib_ids)
+    assert not orphan.exists()
+    assert not list(tmp_path.glob("rankcut-work-*"))

@@ -13,9 +13,7 @@ rank ends with the same compressed model.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,7 +35,7 @@ from .engine import (
     check_inputs,
 )
 from .update import UpdateConfig, apply_update, keeps_blocks, needs_block_metric
-from .workfolder import WorkFolder
+from .workfolder import WorkFolder, scratch_folder
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +89,8 @@ def compress(
     check_inputs(model, config, targets, calibration, rank_map, update)
     report = CompressionReport(method=config.name, settings=config.settings())
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rankcut-work-") as folder:
-        work = WorkFolder(Path(folder) / "run", "resident")
+    with scratch_folder("rankcut-work-") as folder:
+        work = WorkFolder(folder / "run", "resident")
         run = compress_blocks(ResidentModel(model), work, report, config, targets, calibration,
                               batch_size, rank_map, refit=keeps_blocks(update),
                               block_metric=needs_block_metric(update))

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +73,7 @@ from .workfolder import (  # noqa: F401  (re-exported: streaming's public names)
     load_tensors,
     return_freed_memory,
     save_tensors,
+    scratch_folder,
     trim_heap,
 )
 
@@ -479,8 +479,8 @@ def _through_blocks(sm: StreamedModel, batches: list, desc: str):
     at a time, and yields the block run, whose ``acts(len(sm.blocks), b)`` are the last
     block's outputs. Side effects: activations go to a temporary folder, deleted at the
     end."""
-    with tempfile.TemporaryDirectory(prefix="rankcut-ppl-") as tmp:
-        work = WorkFolder(Path(tmp) / "ppl", desc)
+    with scratch_folder("rankcut-ppl-") as tmp:
+        work = WorkFolder(tmp / "ppl", desc)
         run = BlockRun(sm, work, None, {}, batches)
         run.kwargs()
         for index in tqdm(range(len(sm.blocks)), desc=desc, unit="block"):

@@ -2,17 +2,23 @@
 
 Each finished step writes its files (each under a temporary name, then renamed) and then
 commits a progress record atomically, so a run killed at any moment and rerun with the
-same arguments resumes after the last committed step. Also the process-memory helpers a
-long block-wise run uses (glibc's ``malloc_trim`` and mmap threshold).
+same arguments resumes after the last committed step. Also the scratch folders of runs
+that need no resume (removed at the end, and by a later run if their process was killed)
+and the process-memory helpers a long block-wise run uses (glibc's ``malloc_trim`` and
+mmap threshold).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
 import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 WORK_SUFFIX = ".rankcut-work"  # the work folder is ``.<output name>.rankcut-work``
 PROGRESS = "progress.json"
+SCRATCH_OWNER = "rankcut-owner.json"  # in a scratch folder: the process that made it
 
 
 class WorkFolder:
@@ -179,6 +186,59 @@ def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, to
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"work file {path} is missing or damaged ({err}); run the same "
                               "command again to recompute it") from err
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str, root: str | Path | None = None) -> Iterator[Path]:
+    """A temporary folder for one run's work files (activations, factors: gigabytes for a
+    real model), removed when the ``with`` block ends.
+
+    A SIGKILL skips that cleanup, so the folder holds a marker naming its process and
+    host, and entering this context first removes the ``prefix`` folders whose marked
+    process no longer runs on this host. Folders without a valid marker (not written by
+    this function) and folders of live processes or of other hosts are left alone.
+
+    Args:
+        prefix: the folder name's prefix, e.g. ``"rankcut-work-"``.
+        root: where to make it (default: the system's temporary folder).
+
+    Yields:
+        The folder's path.
+    """
+    root = Path(root or tempfile.gettempdir())
+    remove_orphaned_scratch(root, prefix)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as folder:
+        marker = {"pid": os.getpid(), "host": socket.gethostname()}
+        write_bytes(Path(folder) / SCRATCH_OWNER, json.dumps(marker).encode())
+        yield Path(folder)
+
+
+def remove_orphaned_scratch(root: Path, prefix: str) -> list[Path]:
+    """Removes the scratch folders (``prefix*`` in ``root``, with a valid owner marker) of
+    processes on this host that no longer run; returns them."""
+    removed = []
+    for folder in sorted(root.glob(f"{prefix}*")):
+        try:
+            owner = json.loads((folder / SCRATCH_OWNER).read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or not readable: leave it
+        if host == socket.gethostname() and not _process_runs(pid):
+            logger.info("removing %s, left by process %d, which was killed", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 #: glibc's mallopt parameter number for the mmap threshold.
