@@ -1126,7 +1126,8 @@ class BlockRun:
         work, config = self.work, self.config
         input_stats = input_stats and config.needs_input_stats
         acc = _LayerSums(layers, self.seeds, config.needs_row_fisher)
-        residual = None
+        residual = (linalg.SecondMoment.zeros(self.acts(index, 0).shape[-1], self.sm.device)
+                    if residual_metric else None)
         weights = [layer.weight for layer in layers.values()]
         for w in weights:
             w.requires_grad_(self.weight_grads)
@@ -1141,8 +1142,8 @@ class BlockRun:
                 if not wanted:
                     continue
                 upstream = load_tensors(work.file("grads", index + 1, b), self.sm.device)
-                if residual_metric:
-                    residual = _add_seed_moment(residual, upstream, self.seeds)
+                for k in range(self.seeds if residual_metric else 0):
+                    residual.update(upstream[f"seed{k}"].double(), new_tokens=k == 0)
                 below = {}
                 if self.weight_grads:
                     got = torch.autograd.grad(out, [hidden, *weights], upstream["loss"],
@@ -1162,12 +1163,9 @@ class BlockRun:
         for w in weights:
             w.requires_grad_(False)
         if residual_metric:  # every process sums, those without a gradient batch too
-            if residual is None:
-                width = self.acts(index, 0).shape[-1]
-                residual = torch.zeros(width, width, dtype=torch.float64, device=self.sm.device)
-            distributed.sum_tensors([residual])
+            distributed.sum_tensors(residual.tensors())
             save_tensors(work.file("metric", index),
-                         {"g": residual / max(1, work.progress["loss_tokens"])})
+                         {"g": residual.xx / max(1, work.progress["loss_tokens"])})
         distributed.sum_moments(hooks.stats)
         outputs, grads = acc.reduce(work.progress["loss_tokens"], self.weight_grads)
         return hooks.stats, outputs, grads
@@ -1316,15 +1314,6 @@ def _paused(post: _HeadTargets | None):
         yield
     finally:
         post.hooks.active = True
-
-
-def _add_seed_moment(total: torch.Tensor | None, upstream: dict[str, torch.Tensor],
-                     seeds: int) -> torch.Tensor:
-    """``total`` plus Σ_k s_kᵀ s_k over the KL seed vectors s_k of one batch (float64)."""
-    for k in range(seeds):
-        s = upstream[f"seed{k}"].reshape(-1, upstream[f"seed{k}"].shape[-1]).double()
-        total = s.T @ s if total is None else total + s.T @ s
-    return total
 
 
 class _LayerSums:
