@@ -148,9 +148,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
     train, test, steps = _split_batches(len(run.batches), config)
     if not names and not config.norms:
         error = _held_out_error(run, block, index, test, _error_of(run, index, config.weight))
-        logger.info("block %d: no low-rank layer to refine (held-out error %.4g)", index, error)
-        return {"block": index, "error_before": error, "error_after": error, "best_epoch": 0,
-                "curve": [error]}
+        return _block_entry(index, [error], error, "has no low-rank layer to refine")
     pairs = {name: TrainablePair.of(model.get_submodule(name), config.int8 == "frozen")
              for name in names}
     originals = {name: model.get_submodule(name) for name in names}
@@ -199,9 +197,15 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
             p.requires_grad_(flag)
         for name, pair in pairs.items():
             model.set_submodule(name, pair.to_low_rank(originals[name]))
+    return _block_entry(index, curve, best, f"refined over {config.epochs} epochs")
+
+
+def _block_entry(index: int, curve: list[float], best: float, what: str) -> dict:
+    """Logs block ``index``'s held-out errors (closed form → kept) and returns its log
+    entry: {block, error_before, error_after, best_epoch, curve}."""
     epoch = curve.index(best)
-    logger.info("block %d refined: held-out error %.4g -> %.4g (epoch %d of %d)", index,
-                curve[0], best, epoch, config.epochs)
+    logger.info("block %d %s: held-out error %.4g -> %.4g (kept epoch %d)", index, what,
+                curve[0], best, epoch)
     return {"block": index, "error_before": curve[0], "error_after": best,
             "best_epoch": epoch, "curve": curve}
 
