@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ..calibration import distributed
 from ..errors import CheckpointError
 from ..io.atomic import atomic_path, write_bytes
+from ..io.outputs import process_runs
 
 logger = logging.getLogger(__name__)
 
@@ -223,22 +224,11 @@ def remove_orphaned_scratch(root: Path, prefix: str) -> list[Path]:
             pid, host = int(owner["pid"]), str(owner["host"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not ours, or not readable: leave it
-        if host == socket.gethostname() and not _process_runs(pid):
+        if host == socket.gethostname() and not process_runs(pid):
             logger.info("removing %s, left by process %d, which was killed", folder, pid)
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _process_runs(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 #: glibc's mallopt parameter number for the mmap threshold.

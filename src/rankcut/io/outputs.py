@@ -230,8 +230,12 @@ def remove_leftovers(target: Path) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftover from an earlier, failed write
+    # our own pid: a leftover of an earlier, failed write of this process
+    return pid != os.getpid() and process_runs(pid)
+
+
+def process_runs(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
