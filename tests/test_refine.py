@@ -98,8 +98,35 @@ def test_block_settings_are_validated(ids):
         make_update("block", lr=-1.0)
     with pytest.raises(ConfigError, match="precision must be 'auto' or 'float32'"):
         make_update("block", precision="bf16")
+    with pytest.raises(ConfigError, match="lr_scale must be one of absolute, rms"):
+        make_update("block", lr_scale="relative")
     with pytest.raises(ConfigError, match="holds out 12 of 12"):
         _refined(ids, held_out=12)
+
+
+def test_rms_lr_scale_steps_each_tensor_by_its_own_size(ids):
+    """``lr_scale="rms"``: each tensor's learning rate is ``lr`` times its root mean square
+    (an all-zero bias takes the others' mean); the refinement still never makes a block
+    worse, it trains (a block improves) and differs from the absolute rate."""
+    from rankcut.compression.refine import _param_groups
+
+    big = torch.nn.Parameter(torch.full((3, 4), -2.0))
+    small = torch.nn.Parameter(torch.tensor([0.5, -0.5]))
+    zero = torch.nn.Parameter(torch.zeros(5))
+    config = make_update("block", lr=1e-3, lr_scale="rms")
+    groups = _param_groups([big, small, zero], config)
+    assert [g["params"] for g in groups] == [[big], [small], [zero]]
+    assert [g["lr"] for g in groups] == pytest.approx([2e-3, 5e-4, 1.25e-3], rel=1e-12)
+    assert _param_groups([big], make_update("block")) == [{"params": [big]}]
+
+    relative, report = _refined(ids, lr=1e-2, lr_scale="rms")
+    assert report.update.settings["lr_scale"] == "rms"
+    for entry in report.update.log:
+        assert entry["error_after"] == min(entry["curve"]) <= entry["error_before"]
+    assert any(e["error_after"] < 0.99 * e["error_before"] for e in report.update.log)
+    absolute, _ = _refined(ids, lr=1e-2)
+    assert any(not torch.equal(value, absolute.state_dict()[key])
+               for key, value in relative.state_dict().items())
 
 
 def test_autocast_is_for_cuda_only(ids):

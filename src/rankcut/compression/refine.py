@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: The errors block refinement can tune on (``BlockRefineConfig.weight``).
 WEIGHTS = ("mse", "normed", "kl")
+#: How the learning rate applies to each tensor (``BlockRefineConfig.lr_scale``).
+LR_SCALES = ("absolute", "rms")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class BlockRefineConfig:
             error weighted by IO-SVD's output metric at the block's output (io-svd only).
         int8: the int8 rows of a remap: ``"requantize"`` trains them with the rest and
             quantizes them again; ``"frozen"`` keeps them as they are (no gradient).
+        lr_scale: ``"absolute"``, every tensor steps with ``lr``; ``"rms"``, each tensor
+            with ``lr`` times its own root mean square at the start of the block, so that
+            the step is the same fraction of every factor (AdamW's step is about ``lr`` per
+            entry whatever the entry's size, and the whitened factors' sizes differ by
+            orders of magnitude between layers and between models).
         precision: the training forward: ``"auto"`` runs it under bf16 autocast on a CUDA
             device that supports bf16 (float32 master factors, float32 loss) and in
             float32 elsewhere; ``"float32"`` always in float32. The held-out error that
@@ -82,6 +89,9 @@ class BlockRefineConfig:
     int8: str = setting("requantize", "int8 rows of a remap during block refinement: trained "
                                       "and quantized again, or kept frozen",
                         ("requantize", "frozen"))
+    lr_scale: str = setting("absolute", "block refinement's learning rate per tensor: the "
+                                        "same for all (absolute) or times each tensor's "
+                                        "root mean square (rms)", LR_SCALES)
     precision: str = setting("auto", "block refinement's training forward: bf16 autocast on "
                                      "CUDA (auto) or float32 everywhere", ("auto", "float32"))
 
@@ -98,6 +108,9 @@ class BlockRefineConfig:
                               f"got {self.weight!r}")
         if self.int8 not in ("requantize", "frozen"):
             raise ConfigError(f"block int8 must be 'requantize' or 'frozen'; got {self.int8!r}")
+        if self.lr_scale not in LR_SCALES:
+            raise ConfigError(f"block lr_scale must be one of {', '.join(LR_SCALES)}; "
+                              f"got {self.lr_scale!r}")
         if self.precision not in ("auto", "float32"):
             raise ConfigError("block precision must be 'auto' or 'float32'; "
                               f"got {self.precision!r}")
@@ -166,7 +179,8 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
     try:
         curve = [_held_out_error(run, block, index, test, error)]
         best, kept = curve[0], _snapshot(params)
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(_param_groups(params, config), lr=config.lr,
+                                      weight_decay=config.weight_decay)
         schedule = _warmup_cosine(optimizer, config.epochs * steps)
         order = torch.Generator().manual_seed(config.seed * 100_003 + index)
         for _ in range(config.epochs):
@@ -364,6 +378,19 @@ def _is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a normalization layer with a weight (RMSNorm, LayerNorm)."""
     return "norm" in type(module).__name__.lower() and isinstance(
         getattr(module, "weight", None), nn.Parameter)
+
+
+def _param_groups(params: list[nn.Parameter], config: BlockRefineConfig) -> list[dict]:
+    """AdamW's parameter groups: one with ``config.lr`` (``lr_scale="absolute"``), or one
+    per tensor with ``config.lr`` times the tensor's root mean square (``"rms"``; an
+    all-zero tensor, e.g. a bias, takes the mean of the others' so it can still move)."""
+    if config.lr_scale == "absolute":
+        return [{"params": params}]
+    rms = [float(p.detach().double().square().mean().sqrt()) for p in params]
+    nonzero = [r for r in rms if r > 0.0] or [1.0]
+    fallback = sum(nonzero) / len(nonzero)
+    return [{"params": [p], "lr": config.lr * (r if r > 0.0 else fallback)}
+            for p, r in zip(params, rms, strict=True)]
 
 
 def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
