@@ -286,3 +286,36 @@ def test_int8_rows_are_requantized_or_kept_frozen(ids):
                for k, v in frozen.state_dict().items() if k not in before)
     trained, _ = _refined(ids, method="io-svd", remap="classic", ratio=0.8)
     assert any(not torch.equal(v, before[k]) for k, v in int8_buffers(trained).items())
+
+
+def test_a_requantized_pair_trains_the_layer_it_will_build():
+    """With int8 rows to quantize again, the pair's forward is the rebuilt layer's (the
+    int8 round trip in the forward), before and after a change to its factors, so the
+    held-out error that picks the epoch is the kept layer's; the gradient still reaches
+    the int8 vectors (straight through). Frozen int8 vectors get none."""
+    from rankcut.compression.refine import TrainablePair
+    from rankcut.core.hybrid import RowPlan
+    from rankcut.nn.modules import LowRankLinear
+
+    gen = torch.Generator().manual_seed(0)
+    w_u, w_v = torch.randn(12, 6, generator=gen), torch.randn(6, 10, generator=gen)
+    plan = RowPlan(u_int8=torch.tensor([True, False, True, False, False, False]),
+                   v_int8=torch.tensor([False, False, False, True, True, False]))
+    layer = LowRankLinear.from_factors(w_u, w_v, plan=plan)
+    x = torch.randn(5, 10, generator=gen)
+    pair = TrainablePair.of(layer)
+    torch.testing.assert_close(pair(x), layer(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        pair.weight_u.add_(0.3 * torch.randn(pair.weight_u.shape, generator=gen))
+        pair.weight_v.add_(0.3 * torch.randn(pair.weight_v.shape, generator=gen))
+    rebuilt = pair.to_low_rank(layer)
+    torch.testing.assert_close(pair(x), rebuilt(x), rtol=1e-6, atol=1e-6)
+    unquantized = TrainablePair(pair.weight_u, pair.weight_v, None)
+    assert not torch.allclose(unquantized(x), rebuilt(x), rtol=1e-4, atol=1e-4)
+    pair(x).square().sum().backward()
+    u_int8 = layer.plan.u_int8
+    assert pair.weight_u.grad[:, u_int8].abs().sum() > 0
+    frozen = TrainablePair.of(layer, freeze_int8=True)
+    frozen(x).square().sum().backward()
+    assert frozen.weight_u.grad[:, u_int8].abs().sum() == 0
+    assert frozen.weight_u.grad[:, ~u_int8].abs().sum() > 0

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..calibration import distributed
+from ..core.hybrid import fake_quantized
 from ..errors import ConfigError
 from ..methods import setting
 from ..nn.modules import LowRankLinear
@@ -227,31 +228,45 @@ def _block_entry(index: int, curve: list[float], best: float, what: str) -> dict
 class TrainablePair(nn.Module):
     """A low-rank layer's factors as two float32 parameters for training (input and output
     in the layer's dtype); :meth:`to_low_rank` rebuilds the layer, int8 rows quantized
-    again from the trained factors."""
+    again from the trained factors.
 
-    def __init__(self, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None):
+    With a remap's int8 vectors to quantize again (``quantized``: (u mask, v mask) over the
+    components), the forward uses those vectors after an int8 round trip and passes the
+    gradient straight through to the float32 values, so the training loss and the held-out
+    error that picks the epoch are those of the layer :meth:`to_low_rank` will build."""
+
+    def __init__(self, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None,
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.weight_u = nn.Parameter(w_u.detach().float().clone())
         self.weight_v = nn.Parameter(w_v.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+        self.quantized = quantized
 
     @classmethod
     def of(cls, layer: LowRankLinear, freeze_int8: bool = False) -> TrainablePair:
-        """The pair of ``layer``'s (dequantized) factors; with ``freeze_int8``, the
-        gradients of its int8 vectors are zero, so they stay as they are."""
+        """The pair of ``layer``'s (dequantized) factors; its int8 vectors are quantized
+        again in the forward (straight through), or with ``freeze_int8`` their gradients
+        are zero, so they stay as they are."""
         w_u, w_v = layer.factors()
-        pair = cls(w_u, w_v, layer.bias)
         plan = layer.plan
-        if freeze_int8 and plan is not None:
-            u_mask = plan.u_int8.to(w_u.device)[None, :]  # columns of W_u
-            v_mask = plan.v_int8.to(w_v.device)[:, None]  # rows of W_v
-            pair.weight_u.register_hook(lambda g: g.masked_fill(u_mask, 0))
-            pair.weight_v.register_hook(lambda g: g.masked_fill(v_mask, 0))
+        if plan is None:
+            return cls(w_u, w_v, layer.bias)
+        u_mask, v_mask = plan.u_int8.to(w_u.device), plan.v_int8.to(w_v.device)
+        if not freeze_int8:
+            return cls(w_u, w_v, layer.bias, quantized=(u_mask, v_mask))
+        pair = cls(w_u, w_v, layer.bias)
+        pair.weight_u.register_hook(lambda g: g.masked_fill(u_mask[None, :], 0))  # columns
+        pair.weight_v.register_hook(lambda g: g.masked_fill(v_mask[:, None], 0))  # rows
         return pair
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x.float(), self.weight_v), self.weight_u,
-                        self.bias).to(x.dtype)
+        w_u, w_v = self.weight_u, self.weight_v
+        if self.quantized is not None:
+            u_mask, v_mask = self.quantized
+            w_u = _int8_straight_through(w_u.T, u_mask).T  # u vectors: columns of W_u
+            w_v = _int8_straight_through(w_v, v_mask)
+        return F.linear(F.linear(x.float(), w_v), w_u, self.bias).to(x.dtype)
 
     def to_low_rank(self, layer: LowRankLinear) -> LowRankLinear:
         """The ``LowRankLinear`` of these factors, with ``layer``'s dtype, device and int8
@@ -260,6 +275,18 @@ class TrainablePair(nn.Module):
         rebuilt = LowRankLinear.from_factors(self.weight_u.detach(), self.weight_v.detach(),
                                              bias, dtype=layer.weight_u.dtype, plan=layer.plan)
         return rebuilt.to(layer.weight_u.device)
+
+
+def _int8_straight_through(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``rows`` with the rows in ``mask`` replaced by their int8 round trip (as
+    ``LowRankLinear.from_factors`` stores them) in the forward; the gradient reaches every
+    row unchanged (straight-through estimator)."""
+    if not bool(mask.any()):
+        return rows
+    chosen = rows.detach()[mask]
+    delta = torch.zeros_like(rows)
+    delta[mask] = fake_quantized(chosen) - chosen
+    return rows + delta
 
 
 def _split_batches(batches: int, config: BlockRefineConfig
