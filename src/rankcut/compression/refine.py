@@ -66,8 +66,8 @@ class BlockRefineConfig:
         lr_scale: ``"absolute"``, every tensor steps with ``lr``; ``"rms"``, each tensor
             with ``lr`` times its own root mean square at the start of the block, so that
             the step is the same fraction of every factor (AdamW's step is about ``lr`` per
-            entry whatever the entry's size, and the whitened factors' sizes differ by
-            orders of magnitude between layers and between models).
+            entry whatever the entry's size, and the whitened factors' sizes differ by an
+            order of magnitude between layers, and by 2–5× between models).
         precision: the training forward: ``"auto"`` runs it under bf16 autocast on a CUDA
             device that supports bf16 (float32 master factors, float32 loss) and in
             float32 elsewhere; ``"float32"`` always in float32. The held-out error that
