@@ -1126,8 +1126,7 @@ class BlockRun:
         work, config = self.work, self.config
         input_stats = input_stats and config.needs_input_stats
         acc = _LayerSums(layers, self.seeds, config.needs_row_fisher)
-        residual = (linalg.SecondMoment.zeros(self.acts(index, 0).shape[-1], self.sm.device)
-                    if residual_metric else None)
+        residual = None  # the block metric's sums, made at the first gradient batch
         weights = [layer.weight for layer in layers.values()]
         for w in weights:
             w.requires_grad_(self.weight_grads)
@@ -1143,6 +1142,8 @@ class BlockRun:
                     continue
                 upstream = load_tensors(work.file("grads", index + 1, b), self.sm.device)
                 for k in range(self.seeds if residual_metric else 0):
+                    residual = residual or linalg.SecondMoment.zeros(
+                        upstream["seed0"].shape[-1], self.sm.device)
                     residual.update(upstream[f"seed{k}"].double(), new_tokens=k == 0)
                 below = {}
                 if self.weight_grads:
@@ -1163,6 +1164,8 @@ class BlockRun:
         for w in weights:
             w.requires_grad_(False)
         if residual_metric:  # every process sums, those without a gradient batch too
+            residual = residual or linalg.SecondMoment.zeros(self.acts(index, 0).shape[-1],
+                                                             self.sm.device)
             distributed.sum_tensors(residual.tensors())
             save_tensors(work.file("metric", index),
                          {"g": residual.xx / max(1, work.progress["loss_tokens"])})
