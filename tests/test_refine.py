@@ -23,8 +23,7 @@ def ids():
 
 def _refined(ids, method="svd-llm", remap=None, ratio=0.5, **settings):
     model = tiny_model("llama")
-    update = make_update("block", **{"epochs": 3, "lr": 1e-3, "held_out": 4, "batch_size": 4,
-                                     **settings})
+    update = make_update("block", **{"epochs": 3, "held_out": 4, "batch_size": 4, **settings})
     config = make_config(method, ratio=ratio, **({"remap": remap} if remap else {}))
     report = rankcut.compress(model, config, ids, batch_size=4, update=update)
     return model, report
@@ -117,14 +116,15 @@ def test_rms_lr_scale_steps_each_tensor_by_its_own_size(ids):
     groups = _param_groups([big, small, zero], config)
     assert [g["params"] for g in groups] == [[big], [small], [zero]]
     assert [g["lr"] for g in groups] == pytest.approx([2e-3, 5e-4, 1.25e-3], rel=1e-12)
-    assert _param_groups([big], make_update("block")) == [{"params": [big]}]
+    absolute_config = make_update("block", lr_scale="absolute")
+    assert _param_groups([big], absolute_config) == [{"params": [big]}]
 
-    relative, report = _refined(ids, lr=1e-2, lr_scale="rms")
+    relative, report = _refined(ids)  # the defaults: lr 1e-2, lr_scale rms
     assert report.update.settings["lr_scale"] == "rms"
     for entry in report.update.log:
         assert entry["error_after"] == min(entry["curve"]) <= entry["error_before"]
     assert any(e["error_after"] < 0.99 * e["error_before"] for e in report.update.log)
-    absolute, _ = _refined(ids, lr=1e-2)
+    absolute, _ = _refined(ids, lr_scale="absolute")
     assert any(not torch.equal(value, absolute.state_dict()[key])
                for key, value in relative.state_dict().items())
 
@@ -159,7 +159,7 @@ def test_block_then_lora_runs_both_steps_in_order(ids):
     """``block+lora``: the block refinement's entries, then the LoRA steps, each tagged
     with its step; LoRA starts from the refined blocks (its first loss, taken before any
     step with the adapters at zero, is the refined model's loss on that batch)."""
-    block = {"epochs": 2, "lr": 1e-3, "held_out": 4}
+    block = {"epochs": 2, "held_out": 4}
     chain = make_update("block+lora", lora_steps=2, lora_batch_size=4,
                         **{f"block_{k}": v for k, v in block.items()})
     assert chain.name == "block+lora" and chain.whole_model

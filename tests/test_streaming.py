@@ -104,10 +104,10 @@ CASES = [
     ("qwen2", "io-svd", {"objective": "anchored"}),
     ("gemma3", "svd-llm", {"objective": "anchored", "update": "original"}),
     # block refinement, norms too
-    ("qwen2", "io-svd", {"block": {"epochs": 2, "lr": 1e-3, "norms": True,
+    ("qwen2", "io-svd", {"block": {"epochs": 2, "norms": True,
                                     "held_out": 2, "batch_size": 2}}),
     # ... in the error after the next norm (loaded from the shards for the copy)
-    ("gemma3", "svd-llm", {"block": {"epochs": 2, "lr": 1e-3, "weight": "normed",
+    ("gemma3", "svd-llm", {"block": {"epochs": 2, "weight": "normed",
                                      "held_out": 2, "batch_size": 2}}),
 ]
 
@@ -240,7 +240,7 @@ RESUMED = [("svd-llm", {}, "written", 1), ("io-svd", {}, "backward", 1),
            ("io-svd", {"objective": "anchored"}, "anchor", 1),
            # block refinement (KL-weighted: the metric files are work files too): killed
            # after its first block
-           ("io-svd", {"block": {"epochs": 2, "lr": 1e-3, "held_out": 2, "batch_size": 2,
+           ("io-svd", {"block": {"epochs": 2, "held_out": 2, "batch_size": 2,
                                  "weight": "kl"}}, "refine", 1)]
 
 

@@ -20,7 +20,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method": "io-svd",
         "settings": {},
         "update": "block+lora",
-        "update_settings": {"block_lr": 1e-3, "block_epochs": 5},
+        "update_settings": {"block_lr": 1e-2, "block_lr_scale": "rms", "block_epochs": 5},
     },
 }
 

@@ -77,7 +77,8 @@ class BlockRefineConfig:
     name: ClassVar[str] = "block"
     whole_model: ClassVar[bool] = False
     epochs: int = setting(5, "epochs of block refinement (passes over the training batches)")
-    lr: float = setting(1e-3, "peak AdamW learning rate of block refinement")
+    lr: float = setting(1e-2, "peak AdamW learning rate of block refinement (times each "
+                              "tensor's root mean square with lr_scale rms)")
     batch_size: int = setting(4, "calibration samples per block refinement step")
     held_out: int = setting(8, "calibration samples held out to choose the best epoch")
     norms: bool = setting(False, "also tune the block's norm weights")
@@ -90,9 +91,9 @@ class BlockRefineConfig:
     int8: str = setting("requantize", "int8 rows of a remap during block refinement: trained "
                                       "and quantized again, or kept frozen",
                         ("requantize", "frozen"))
-    lr_scale: str = setting("absolute", "block refinement's learning rate per tensor: the "
-                                        "same for all (absolute) or times each tensor's "
-                                        "root mean square (rms)", LR_SCALES)
+    lr_scale: str = setting("rms", "block refinement's learning rate per tensor: the same "
+                                   "for all (absolute) or times each tensor's root mean "
+                                   "square (rms)", LR_SCALES)
     precision: str = setting("auto", "block refinement's training forward: bf16 autocast on "
                                      "CUDA (auto) or float32 everywhere", ("auto", "float32"))
 
