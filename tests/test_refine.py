@@ -69,6 +69,30 @@ def test_a_block_that_does_not_improve_keeps_its_closed_form_factors(ids):
         assert torch.equal(value, expected[key]), key
 
 
+def test_min_gain_keeps_an_epoch_only_if_it_gains_that_fraction(ids):
+    """``min_gain``: an epoch is kept only if its held-out error is at least that fraction
+    below the closed-form block's; the best such epoch is kept, else the cut, bit for bit."""
+    _, free = _refined(ids)
+    gains = [1.0 - e["error_after"] / e["error_before"] for e in free.update.log]
+    assert max(gains) > 0.01
+    bar = max(gains) / 2
+    _, report = _refined(ids, min_gain=bar)
+    assert report.update.log[0]["curve"] == free.update.log[0]["curve"]  # same training
+    kept_any = False
+    for entry in report.update.log:
+        before, curve = entry["error_before"], entry["curve"]
+        allowed = [e for e in curve[1:] if e <= (1.0 - bar) * before]
+        assert entry["error_after"] == (min(allowed) if allowed else before)
+        kept_any |= entry["best_epoch"] > 0
+    assert kept_any
+    plain = tiny_model("llama")
+    rankcut.compress(plain, make_config("svd-llm", ratio=0.5), ids, batch_size=4)
+    model, report = _refined(ids, min_gain=0.999)
+    assert all(e["best_epoch"] == 0 for e in report.update.log)
+    expected = plain.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
 def test_refinement_is_deterministic_and_the_seed_matters(ids):
     a, report = _refined(ids, batch_size=2)  # 4 training batches: 24 orders per epoch
     assert any(e["best_epoch"] > 0 for e in report.update.log)
@@ -97,6 +121,8 @@ def test_block_settings_are_validated(ids):
         make_update("block", lr=-1.0)
     with pytest.raises(ConfigError, match="precision must be 'auto' or 'float32'"):
         make_update("block", precision="bf16")
+    with pytest.raises(ConfigError, match=r"min_gain must be in \[0, 1\)"):
+        make_update("block", min_gain=1.0)
     with pytest.raises(ConfigError, match="lr_scale must be one of absolute, rms"):
         make_update("block", lr_scale="relative")
     with pytest.raises(ConfigError, match="holds out 12 of 12"):

@@ -6,8 +6,9 @@ compressed model's stream matches the original block's output on the original st
 AdamW on the mean squared error, over the factors of its low-rank layers (and, with
 ``norms``, its norm weights). The calibration batches are split into training batches and a
 held-out slice; the held-out error is measured before training and after every epoch, the
-best epoch's parameters are kept, and a block whose held-out error never improves keeps
-its closed-form factors, so the refinement never makes a block worse on held-out windows.
+best epoch's parameters are kept, and a block whose held-out error never improves (or,
+with ``min_gain``, never improves by that fraction) keeps its closed-form factors, so the
+refinement never makes a block worse on held-out windows.
 It runs as a :func:`~rankcut.compression.blockpass.rework_blocks` pass, so memory holds one
 block and one batch, in memory and streamed alike. Under torchrun it is data parallel: each
 step trains on one batch of every process, their gradients averaged.
@@ -72,6 +73,10 @@ class BlockRefineConfig:
             device that supports bf16 (float32 master factors, float32 loss) and in
             float32 elsewhere; ``"float32"`` always in float32. The held-out error that
             picks the best epoch is always measured without autocast.
+        min_gain: the least relative held-out gain an epoch must show over the
+            closed-form block to be kept (0 keeps any gain; 0.01, at least 1%): a block
+            whose best epoch gains less keeps its closed-form factors, so gains within
+            the noise of a few held-out windows are not taken for real ones.
     """
 
     name: ClassVar[str] = "block"
@@ -96,6 +101,8 @@ class BlockRefineConfig:
                                    "square (rms)", LR_SCALES)
     precision: str = setting("auto", "block refinement's training forward: bf16 autocast on "
                                      "CUDA (auto) or float32 everywhere", ("auto", "float32"))
+    min_gain: float = setting(0.0, "least relative held-out gain over the closed-form block "
+                                   "for block refinement to keep an epoch (0.01: one percent)")
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "held_out"):
@@ -113,6 +120,8 @@ class BlockRefineConfig:
         if self.lr_scale not in LR_SCALES:
             raise ConfigError(f"block lr_scale must be one of {', '.join(LR_SCALES)}; "
                               f"got {self.lr_scale!r}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ConfigError(f"block min_gain must be in [0, 1); got {self.min_gain!r}")
         if self.precision not in ("auto", "float32"):
             raise ConfigError("block precision must be 'auto' or 'float32'; "
                               f"got {self.precision!r}")
@@ -181,6 +190,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
     try:
         curve = [_held_out_error(run, block, index, test, error)]
         best, kept = curve[0], _snapshot(params)
+        bar = (1.0 - config.min_gain) * curve[0]
         optimizer = torch.optim.AdamW(_param_groups(params, config), lr=config.lr,
                                       weight_decay=config.weight_decay)
         schedule = _warmup_cosine(optimizer, config.epochs * steps)
@@ -205,7 +215,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             curve.append(_held_out_error(run, block, index, test, error))
-            if curve[-1] < best:
+            if curve[-1] < best and (config.min_gain == 0.0 or curve[-1] <= bar):
                 best, kept = curve[-1], _snapshot(params)
         _restore(params, kept)
     finally:
