@@ -215,7 +215,7 @@ def refine_block(run: BlockRun, block: nn.Module, index: int, names: list[str],
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             curve.append(_held_out_error(run, block, index, test, error))
-            if curve[-1] < best and (config.min_gain == 0.0 or curve[-1] <= bar):
+            if curve[-1] < best and curve[-1] <= bar:
                 best, kept = curve[-1], _snapshot(params)
         _restore(params, kept)
     finally:
