@@ -29,6 +29,15 @@ def _refined(ids, method="svd-llm", remap=None, ratio=0.5, **settings):
     return model, report
 
 
+def _assert_is_the_closed_form_cut(model, ids):
+    """Asserts that ``model`` equals, bit for bit, svd-llm's cut at 0.5 without an update."""
+    expected = tiny_model("llama")
+    rankcut.compress(expected, make_config("svd-llm", ratio=0.5), ids, batch_size=4)
+    expected = expected.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_a_refined_block_is_never_worse_on_the_held_out_windows(ids):
     model, report = _refined(ids)
     log = report.update.log
@@ -60,13 +69,9 @@ def test_a_block_the_allocation_kept_dense_is_scored_not_tuned(ids):
 def test_a_block_that_does_not_improve_keeps_its_closed_form_factors(ids):
     """A learning rate far too high makes every epoch worse: each block is put back as
     the closed-form cut left it, bit for bit."""
-    plain = tiny_model("llama")
-    rankcut.compress(plain, make_config("svd-llm", ratio=0.5), ids, batch_size=4)
     model, report = _refined(ids, lr=10.0, epochs=1)
     assert all(e["best_epoch"] == 0 for e in report.update.log)
-    expected = plain.state_dict()
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+    _assert_is_the_closed_form_cut(model, ids)
 
 
 def test_min_gain_keeps_an_epoch_only_if_it_gains_that_fraction(ids):
@@ -85,12 +90,9 @@ def test_min_gain_keeps_an_epoch_only_if_it_gains_that_fraction(ids):
         assert entry["error_after"] == (min(allowed) if allowed else before)
         kept_any |= entry["best_epoch"] > 0
     assert kept_any
-    plain = tiny_model("llama")
-    rankcut.compress(plain, make_config("svd-llm", ratio=0.5), ids, batch_size=4)
     model, report = _refined(ids, min_gain=0.999)
     assert all(e["best_epoch"] == 0 for e in report.update.log)
-    expected = plain.state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    _assert_is_the_closed_form_cut(model, ids)
 
 
 def test_refinement_is_deterministic_and_the_seed_matters(ids):
