@@ -8,14 +8,19 @@ import pytest
 import torch
 
 import rankcut
+from rankcut.calibration.data import as_calibration
 from rankcut.cli import main
 from rankcut.compression.blockpass import PairedMoments
 from rankcut.compression.update import (
     LoRAUpdateConfig,
     RefitConfig,
+    distill_loss,
+    lora_teacher,
+    lora_update,
     make_update,
     refit_factor,
 )
+from rankcut.core import fisher
 from rankcut.errors import ConfigError
 from rankcut.methods import make_config
 from rankcut.nn.modules import LowRankLinear
@@ -168,6 +173,69 @@ def test_lora_is_deterministic(calib_ids):
         assert torch.equal(p, q), name
 
 
+def test_distill_loss_is_the_teachers_entropy_plus_the_kl():
+    """With all V tokens kept, the loss is H(teacher) + KL(teacher ‖ student): the
+    teacher's entropy when the student equals it (and no gradient there), more otherwise."""
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    probs, index = fisher.top_k_probs(teacher, 11)
+    p = torch.softmax(teacher, -1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    same = teacher.clone().requires_grad_()
+    loss = distill_loss(same, probs, index)
+    loss.backward()
+    assert torch.allclose(loss, entropy, atol=1e-5)
+    assert same.grad.abs().max() < 1e-6
+    kl = (p * (p.log() - torch.log_softmax(student, -1))).sum(-1).mean()
+    assert kl > 0.1
+    assert torch.allclose(distill_loss(student, probs, index), entropy + kl, atol=1e-5)
+
+
+def test_lora_teacher_holds_the_uncompressed_models_top_k(calib_ids):
+    model = tiny_model("llama")
+    calibration = as_calibration(calib_ids)
+    assert lora_teacher(model, make_update("lora"), calibration) is None
+    assert lora_teacher(model, make_update("block"), calibration) is None
+    teacher = lora_teacher(model, make_update("block+lora", lora_teacher_top_k=4), calibration)
+    assert teacher.probs.shape == teacher.index.shape == (*calib_ids.shape, 4)
+    assert teacher.index.dtype == torch.int32
+    with torch.no_grad():
+        logits = model(input_ids=calib_ids).logits
+    values, index = logits.topk(4, dim=-1)
+    assert torch.equal(teacher.index, index.int())
+    assert torch.allclose(teacher.probs, torch.softmax(values, -1), atol=1e-5)
+
+
+def test_lora_with_a_teacher_moves_the_model_towards_the_uncompressed_one(calib_ids):
+    """Distilling lowers the cross-entropy against the original model's top-K on the
+    calibration text below the cut's; next-token LoRA with the same steps, fitting the
+    random tokens themselves, raises it."""
+    calibration = as_calibration(calib_ids)
+    teacher = lora_teacher(tiny_model("llama"), make_update("lora", teacher_top_k=8),
+                           calibration)
+
+    def distilled_gap(update) -> float:
+        model = tiny_model("llama")
+        rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids, update=update)
+        with torch.no_grad():
+            return float(distill_loss(model(input_ids=calib_ids).logits, teacher.probs,
+                                      teacher.index))
+
+    settings = dict(rank=2, steps=10, batch_size=4, lr=1e-2)
+    cut = distilled_gap(None)
+    plain = distilled_gap(LoRAUpdateConfig(**settings))
+    distilled = distilled_gap(LoRAUpdateConfig(**settings, teacher_top_k=8))
+    assert distilled < cut < plain - 0.1
+    model = tiny_model("llama")
+    report = rankcut.compress(model, make_config("svd-llm", ratio=0.5), calib_ids,
+                              update=LoRAUpdateConfig(**settings, teacher_top_k=8))
+    assert report.update.settings["teacher_top_k"] == 8
+    with pytest.raises(ConfigError, match="needs the uncompressed model's targets"):
+        lora_update(model, calib_ids, LoRAUpdateConfig(teacher_top_k=8))
+    with pytest.raises(ConfigError, match="teacher targets cover"):
+        lora_update(model, calib_ids[:4], LoRAUpdateConfig(teacher_top_k=8), teacher)
+
+
 def test_update_settings_are_validated():
     assert make_update("none") is None
     with pytest.raises(ConfigError, match="unknown update"):
@@ -176,6 +244,8 @@ def test_update_settings_are_validated():
         make_update("lora", steps=0)
     with pytest.raises(ConfigError, match="lr"):
         make_update("lora", lr=-1.0)
+    with pytest.raises(ConfigError, match="teacher_top_k must be 0"):
+        make_update("lora", teacher_top_k=-1)
     with pytest.raises(ConfigError, match="target"):
         make_update("refit", target="outputs")
     assert make_update("refit", target="original").target == "original"

@@ -34,7 +34,7 @@ from .engine import (
     ResidentModel,
     check_inputs,
 )
-from .update import UpdateConfig, apply_update, keeps_blocks, needs_block_metric
+from .update import UpdateConfig, apply_update, keeps_blocks, lora_teacher, needs_block_metric
 from .workfolder import WorkFolder, scratch_folder
 
 logger = logging.getLogger(__name__)
@@ -91,11 +91,12 @@ def compress(
     start = time.perf_counter()
     with scratch_folder("rankcut-work-") as folder:
         work = WorkFolder(folder / "run", "resident")
+        teacher = lora_teacher(model, update, calibration)
         run = compress_blocks(ResidentModel(model), work, report, config, targets, calibration,
                               batch_size, rank_map, refit=keeps_blocks(update),
                               block_metric=needs_block_metric(update))
         if update is not None:
-            report.update = apply_update(run, update, calibration, batch_size)
+            report.update = apply_update(run, update, calibration, batch_size, teacher)
     report.seconds = time.perf_counter() - start
     model.config.quantization_config = report.quantization_config()
     return report

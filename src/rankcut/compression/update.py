@@ -9,7 +9,9 @@ Two stages, each with a frozen config dataclass:
   It runs block by block over the engine's executor (``refit_blocks``), in memory and
   streamed alike, with the original weights and both activation streams in the work folder.
 * ``lora``: sequential low-rank fine-tuning with ``peft``: LoRA on every W_u (W_v frozen),
-  merge; then on every W_v (W_u frozen), merge.
+  merge; then on every W_v (W_u frozen), merge. It trains on the calibration text's
+  next-token loss or, with ``teacher_top_k``, distills the uncompressed model's top-K
+  next-token probabilities on the same text (gathered before the compression starts).
 
 Both keep ranks and int8 layouts; int8 rows are quantized again from the updated factors.
 A block-wise update (``refit`` or ``block``, the block refinement of ``refine.py``) can be
@@ -28,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.data import Calibration, as_calibration
+from ..core import fisher
 from ..errors import ConfigError
 from ..methods import setting
 from ..nn.modules import LowRankLinear
@@ -81,6 +84,10 @@ class LoRAUpdateConfig:
         batch_size: calibration samples per step, drawn with a seeded generator.
         lr: AdamW learning rate.
         seed: seed of the LoRA initialization and of the batch draws.
+        teacher_top_k: 0 trains on the next-token loss of the calibration text; K > 0
+            distills the uncompressed model instead: the loss is the cross-entropy of the
+            compressed model's next-token distribution against the original model's K most
+            likely tokens (renormalized) at every position of the calibration text.
     """
 
     name: ClassVar[str] = "lora"
@@ -92,11 +99,17 @@ class LoRAUpdateConfig:
     batch_size: int = setting(4, "calibration samples per LoRA step")
     lr: float = setting(3e-4, "LoRA learning rate")
     seed: int = setting(0, "seed of the LoRA initialization and of the batch draws")
+    teacher_top_k: int = setting(0, "0: train on the calibration text's next-token loss; K: "
+                                    "distill the uncompressed model's K most likely next "
+                                    "tokens at every position instead")
 
     def __post_init__(self) -> None:
         for key in ("rank", "steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"lora {key} must be at least 1; got {getattr(self, key)}")
+        if self.teacher_top_k < 0:
+            raise ConfigError(f"lora teacher_top_k must be 0 (no teacher) or a positive K; "
+                              f"got {self.teacher_top_k}")
         if not self.lr > 0:
             raise ConfigError(f"lora lr must be positive; got {self.lr!r}")
 
@@ -194,7 +207,7 @@ def needs_block_metric(update: UpdateConfig | None) -> bool:
 
 
 def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor | Calibration,
-                 batch_size: int = 8) -> UpdateReport:
+                 batch_size: int = 8, teacher: Teacher | None = None) -> UpdateReport:
     """Runs ``config``'s update on the blocks ``run`` compressed.
 
     Args:
@@ -205,6 +218,8 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
         calibration: [num_samples, seqlen] token ids, or a ``Calibration`` (with images:
             the block-wise updates only).
         batch_size: samples per forward pass (refit).
+        teacher: the uncompressed model's targets for a distilling LoRA step
+            (:func:`lora_teacher`, gathered before the compression).
 
     Raises:
         ConfigError: no calibration, or image samples for the LoRA update.
@@ -214,7 +229,7 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
     calibration = as_calibration(calibration)
     if isinstance(config, UpdateChain):
         log = [{"update": step.name, **entry} for step in config.steps
-               for entry in apply_update(run, step, calibration, batch_size).log]
+               for entry in apply_update(run, step, calibration, batch_size, teacher).log]
     elif isinstance(config, RefitConfig):
         log = refit_blocks(run, config, calibration, batch_size)
     elif isinstance(config, BlockRefineConfig):
@@ -223,7 +238,7 @@ def apply_update(run: BlockRun, config: UpdateConfig, calibration: torch.Tensor 
         raise ConfigError("the lora update trains on text only; drop --calib-images or use "
                           "--update refit")
     else:
-        log = lora_update(run.sm.model, calibration.input_ids, config)
+        log = lora_update(run.sm.model, calibration.input_ids, config, teacher)
     return UpdateReport(config.settings(), log)
 
 
@@ -307,19 +322,72 @@ def _refit_layer(model: nn.Module, name: str, weight: torch.Tensor, moments: Pai
 # ---------------------------------------------------------------- sequential LoRA
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """The uncompressed model's next-token targets on the calibration text.
+
+    Attributes:
+        probs: [num_samples, seqlen, K] float32, the K most likely tokens' probabilities,
+            renormalized over them, at every position.
+        index: [num_samples, seqlen, K] int32, those tokens' ids.
+    """
+
+    probs: torch.Tensor
+    index: torch.Tensor
+
+
+def lora_teacher(model: nn.Module, update: UpdateConfig | None,
+                 calibration: Calibration | None) -> Teacher | None:
+    """Gathers the targets of ``update``'s LoRA step when it distills (``teacher_top_k``),
+    from ``model`` before it is compressed: one no-grad forward per calibration sample, so
+    memory holds one sample's logits. Returns None when no LoRA step distills."""
+    lora = update.steps[-1] if isinstance(update, UpdateChain) else update
+    if not isinstance(lora, LoRAUpdateConfig) or lora.teacher_top_k == 0:
+        return None
+    device = next(model.parameters()).device
+    probs, index = [], []
+    with torch.no_grad():
+        for row in tqdm(calibration.input_ids, desc="lora teacher", unit="sample"):
+            logits = model(input_ids=row[None].to(device), use_cache=False).logits[0]
+            top, ids = fisher.top_k_probs(logits, lora.teacher_top_k)
+            probs.append(top.cpu())
+            index.append(ids.to(torch.int32).cpu())
+    return Teacher(torch.stack(probs), torch.stack(index))
+
+
+def distill_loss(logits: torch.Tensor, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The mean over positions of the cross-entropy of the student's next-token
+    distribution (``logits`` [..., V]) against the teacher's renormalized top-K one
+    (``probs``, ``index`` [..., K]): KL(teacher ‖ student) on those K tokens plus the
+    teacher's entropy, a constant."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(probs * log_probs.gather(-1, index.long())).sum(-1).mean()
+
+
 def lora_update(model: nn.Module, calibration: torch.Tensor,
-                config: LoRAUpdateConfig) -> list[dict]:
+                config: LoRAUpdateConfig, teacher: Teacher | None = None) -> list[dict]:
     """Sequential LoRA on the factors of every ``LowRankLinear`` (peft). Mutates ``model``.
 
     Each factorized layer is temporarily an ``nn.Sequential(W_v, W_u)`` of two linears;
     stage ``u`` trains LoRA adapters on every W_u (everything else frozen) and merges them,
     stage ``v`` does the same for every W_v. Batches are drawn from ``calibration`` with a
-    seeded generator; the mean next-token loss of every step is logged. Parameter
+    seeded generator; each step's loss (the mean next-token loss, or with ``teacher`` the
+    :func:`distill_loss` against its targets for the same samples) is logged. Parameter
     ``requires_grad`` flags and the global RNG state are restored afterwards.
+
+    Raises:
+        ConfigError: the config distills (``teacher_top_k``) but no teacher was given, or
+            the teacher's targets do not match ``calibration``'s shape.
 
     Returns:
         One {stage, step, loss} entry per optimizer step.
     """
+    if (teacher is None) != (config.teacher_top_k == 0):
+        raise ConfigError("lora teacher_top_k > 0 needs the uncompressed model's targets "
+                          "(lora_teacher), and only then")
+    if teacher is not None and teacher.probs.shape[:2] != calibration.shape:
+        raise ConfigError(f"lora teacher targets cover {tuple(teacher.probs.shape[:2])} "
+                          f"positions, the calibration {tuple(calibration.shape)}")
     factored = {name: module for name, module in model.named_modules()
                 if isinstance(module, LowRankLinear)}
     if not factored:
@@ -331,7 +399,7 @@ def lora_update(model: nn.Module, calibration: torch.Tensor,
     try:
         for number, (stage, index) in enumerate((("u", 1), ("v", 0))):
             targets = [f"{name}.{index}" for name in factored]
-            log += _train_stage(model, targets, calibration, config, stage, number)
+            log += _train_stage(model, targets, calibration, config, stage, number, teacher)
     finally:
         for name, module in factored.items():
             pair = model.get_submodule(name)
@@ -360,7 +428,7 @@ def _as_pair(layer: LowRankLinear) -> nn.Sequential:
 
 
 def _train_stage(model, targets, ids, config: LoRAUpdateConfig, stage: str,
-                 number: int) -> list[dict]:
+                 number: int, teacher: Teacher | None) -> list[dict]:
     """Injects LoRA adapters on ``targets``, trains them, merges them into the weights."""
     from peft import LoraConfig, get_peft_model
 
@@ -375,9 +443,13 @@ def _train_stage(model, targets, ids, config: LoRAUpdateConfig, stage: str,
     draws = torch.Generator().manual_seed(config.seed * 1000 + number)
     log = []
     for step in tqdm(range(config.steps), desc=f"lora {stage}", unit="step"):
-        batch = ids[torch.randint(ids.shape[0], (config.batch_size,), generator=draws)]
-        batch = batch.to(device)
-        loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+        rows = torch.randint(ids.shape[0], (config.batch_size,), generator=draws)
+        batch = ids[rows].to(device)
+        if teacher is None:
+            loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+        else:
+            loss = distill_loss(wrapped(input_ids=batch, use_cache=False).logits,
+                                teacher.probs[rows].to(device), teacher.index[rows].to(device))
         if not torch.isfinite(loss):
             raise ConfigError(f"lora stage {stage}: loss became non-finite at step {step}; "
                               "lower --lora-lr")
