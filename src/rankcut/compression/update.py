@@ -30,7 +30,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.data import Calibration, as_calibration
-from ..core import fisher
 from ..errors import ConfigError
 from ..methods import setting
 from ..nn.modules import LowRankLinear
@@ -85,9 +84,10 @@ class LoRAUpdateConfig:
         lr: AdamW learning rate.
         seed: seed of the LoRA initialization and of the batch draws.
         teacher_top_k: 0 trains on the next-token loss of the calibration text; K > 0
-            distills the uncompressed model instead: the loss is the cross-entropy of the
-            compressed model's next-token distribution against the original model's K most
-            likely tokens (renormalized) at every position of the calibration text.
+            distills the uncompressed model instead: the loss is the KL divergence from the
+            original model's next-token distribution to the compressed model's at every
+            position of the calibration text, over the original's K most likely tokens and
+            one bucket for all the others (:func:`distill_loss`).
     """
 
     name: ClassVar[str] = "lora"
@@ -327,8 +327,9 @@ class Teacher:
     """The uncompressed model's next-token targets on the calibration text.
 
     Attributes:
-        probs: [num_samples, seqlen, K] float32, the K most likely tokens' probabilities,
-            renormalized over them, at every position.
+        probs: [num_samples, seqlen, K] float32, the K most likely tokens' probabilities
+            (of the whole vocabulary's softmax: they sum to less than one) at every
+            position.
         index: [num_samples, seqlen, K] int32, those tokens' ids.
     """
 
@@ -349,19 +350,26 @@ def lora_teacher(model: nn.Module, update: UpdateConfig | None,
     with torch.no_grad():
         for row in tqdm(calibration.input_ids, desc="lora teacher", unit="sample"):
             logits = model(input_ids=row[None].to(device), use_cache=False).logits[0]
-            top, ids = fisher.top_k_probs(logits, lora.teacher_top_k)
+            top, ids = torch.softmax(logits.float(), dim=-1).topk(lora.teacher_top_k, dim=-1)
             probs.append(top.cpu())
             index.append(ids.to(torch.int32).cpu())
     return Teacher(torch.stack(probs), torch.stack(index))
 
 
 def distill_loss(logits: torch.Tensor, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The mean over positions of the cross-entropy of the student's next-token
-    distribution (``logits`` [..., V]) against the teacher's renormalized top-K one
-    (``probs``, ``index`` [..., K]): KL(teacher ‖ student) on those K tokens plus the
-    teacher's entropy, a constant."""
+    """KL(teacher ‖ student) per position, averaged, over K + 1 outcomes: the teacher's K
+    most likely tokens (``index`` [..., K], their probabilities ``probs``) and the rest of
+    the vocabulary as one bucket (probability one minus their sum), for the student's
+    next-token ``logits`` [..., V]. Keeping the rest's mass, rather than renormalizing the
+    K, leaves the student as unsure as the teacher beyond its top K; with K = V it is the
+    full KL divergence."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(probs * log_probs.gather(-1, index.long())).sum(-1).mean()
+    top = log_probs.gather(-1, index.long())
+    rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+    teacher_rest = (1 - probs.sum(-1)).clamp_min(0)
+    kl = (probs * (probs.clamp_min(1e-30).log() - top)).sum(-1)
+    kl = kl + teacher_rest * (teacher_rest.clamp_min(1e-30).log() - rest)
+    return kl.mean()
 
 
 def lora_update(model: nn.Module, calibration: torch.Tensor,
