@@ -24,7 +24,7 @@ from rankcut.errors import ConfigError
 from rankcut.methods import make_config
 from rankcut.nn.modules import LowRankLinear
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import VOCAB, tiny_model, tiny_tokenizer
 from .test_cli import _compress
 
 
@@ -209,6 +209,9 @@ def test_lora_teacher_holds_the_uncompressed_models_top_k(calib_ids):
     assert torch.equal(teacher.index, index.int())
     assert torch.allclose(teacher.probs, values, atol=1e-6)
     assert bool((teacher.probs.sum(-1) < 1).all())  # the rest's mass is kept, not renormalized
+    everything = lora_teacher(model, make_update("lora", teacher_top_k=1000), calibration)
+    assert everything.probs.shape[-1] == VOCAB  # K is capped at the vocabulary
+    assert torch.allclose(everything.probs.sum(-1), torch.ones(calib_ids.shape), atol=1e-5)
 
 
 def test_lora_with_a_teacher_moves_the_model_towards_the_uncompressed_one(calib_ids):

@@ -350,10 +350,15 @@ def lora_teacher(model: nn.Module, update: UpdateConfig | None,
     with torch.no_grad():
         for row in tqdm(calibration.input_ids, desc="lora teacher", unit="sample"):
             logits = model(input_ids=row[None].to(device), use_cache=False).logits[0]
-            top, ids = torch.softmax(logits.float(), dim=-1).topk(lora.teacher_top_k, dim=-1)
+            k = min(lora.teacher_top_k, logits.shape[-1])
+            top, ids = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
             probs.append(top.cpu())
             index.append(ids.to(torch.int32).cpu())
-    return Teacher(torch.stack(probs), torch.stack(index))
+    teacher = Teacher(torch.stack(probs), torch.stack(index))
+    logger.info("lora teacher: the original model's top %d tokens hold %.1f%% of its "
+                "next-token probability on the calibration text", k,
+                100 * float(teacher.probs.sum(-1).mean()))
+    return teacher
 
 
 def distill_loss(logits: torch.Tensor, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
