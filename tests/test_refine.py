@@ -243,7 +243,7 @@ def test_kl_weighted_refinement_uses_the_io_svd_metric(ids):
     with pytest.raises(ConfigError, match="--block-weight kl weights the block error by "
                                           "IO-SVD's output metric"):
         _refined(ids, method="svd-llm", weight="kl")
-    with pytest.raises(ConfigError, match="block weight must be one of mse, normed, kl"):
+    with pytest.raises(ConfigError, match="block weight must be one of mse, token, normed, kl"):
         make_update("block", weight="l1")
 
 
@@ -294,6 +294,46 @@ def test_normed_refinement_measures_the_error_after_the_next_norm(ids):
     assert abs(log[0]["error_before"] - raw) > 1e-3 * raw  # not the plain error
     assert all(e["error_after"] <= e["error_before"] for e in log)
     assert any(e["error_after"] < 0.99 * e["error_before"] for e in log)
+
+
+def test_token_relative_error_weighs_every_token_the_same():
+    """``token_relative_error`` is the mean of each token's squared error over its
+    target's mean square: scaling one token's target and output together leaves it as it
+    is (the plain error grows with the square), and it is the plain error when every
+    target has mean square one."""
+    import torch.nn.functional as F
+
+    from rankcut.compression.refine import token_relative_error
+
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randn(2, 5, 16, generator=gen)
+    output = target + 0.1 * torch.randn(2, 5, 16, generator=gen)
+    by_hand = torch.stack([(output[b, t] - target[b, t]).pow(2).sum()
+                           / target[b, t].pow(2).sum()
+                           for b in range(2) for t in range(5)]).mean()
+    assert token_relative_error(output, target).item() == pytest.approx(by_hand.item(),
+                                                                       rel=1e-5)
+    sink_target, sink_output = target.clone(), output.clone()
+    sink_target[:, 0] *= 100.0  # a massive activation at the first token
+    sink_output[:, 0] *= 100.0
+    assert token_relative_error(sink_output, sink_target).item() == pytest.approx(
+        by_hand.item(), rel=1e-5)
+    assert F.mse_loss(sink_output, sink_target) > 100 * F.mse_loss(output, target)
+    unit = target / target.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    assert token_relative_error(unit + 0.1, unit).item() == pytest.approx(
+        F.mse_loss(unit + 0.1, unit).item(), rel=1e-5)
+    assert torch.isfinite(token_relative_error(output, torch.zeros_like(output)))
+
+
+def test_token_weighted_refinement_is_never_worse_on_the_held_out_windows(ids):
+    """``weight="token"``: the held-out curve is in the relative error (not the plain
+    error's), never worse than the closed form, and some block improves."""
+    _, plain = _refined(ids)
+    _, token = _refined(ids, weight="token")
+    for a, b in zip(plain.update.log, token.update.log, strict=True):
+        assert b["error_after"] <= b["error_before"]
+        assert abs(a["error_before"] - b["error_before"]) > 1e-3 * a["error_before"]
+    assert any(e["error_after"] < 0.99 * e["error_before"] for e in token.update.log)
 
 
 def test_int8_rows_are_requantized_or_kept_frozen(ids):

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 #: The errors block refinement can tune on (``BlockRefineConfig.weight``).
-WEIGHTS = ("mse", "normed", "kl")
+WEIGHTS = ("mse", "token", "normed", "kl")
 #: How the learning rate applies to each tensor (``BlockRefineConfig.lr_scale``).
 LR_SCALES = ("absolute", "rms")
 
@@ -57,7 +57,10 @@ class BlockRefineConfig:
         norms: also tune the block's norm weights.
         weight_decay: AdamW's weight decay.
         seed: seed of the training batch order.
-        weight: ``"mse"``, the mean squared error of the block's output; ``"normed"``,
+        weight: ``"mse"``, the mean squared error of the block's output; ``"token"``,
+            each token's squared error relative to its target's mean square (so the
+            attention-sink token's massive activation does not outweigh the others);
+            ``"normed"``,
             that error after the norm that reads the block's output (the next block's
             input norm; the final norm after the last block), so that neither a few
             massive channels nor the attention-sink token dominate it; ``"kl"``, the
@@ -89,8 +92,10 @@ class BlockRefineConfig:
     norms: bool = setting(False, "also tune the block's norm weights")
     weight_decay: float = setting(0.0, "AdamW weight decay of block refinement")
     seed: int = setting(0, "seed of the block refinement's batch order")
-    weight: str = setting("mse", "block refinement error: plain mean squared error, the "
-                                 "error after the norm that reads the block's output "
+    weight: str = setting("mse", "block refinement error: plain mean squared error, each "
+                                 "token's error relative to its target's mean square "
+                                 "(token), the error after the norm that reads the "
+                                 "block's output "
                                  "(normed), or weighted by IO-SVD's KL output metric "
                                  "(io-svd)", WEIGHTS)
     int8: str = setting("requantize", "int8 rows of a remap during block refinement: trained "
@@ -348,13 +353,16 @@ def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
 
 def _error_of(run: BlockRun, index: int, weight: str):
     """The error ``(output, target) -> mean per element`` that block ``index`` is tuned on:
-    the mean squared error; with ``weight="normed"`` that error after the norm that reads
-    the block's output (:func:`reading_norm`); with ``weight="kl"`` the squared error in
-    the metric G = IO-SVD's output metric at the block's output (work file
-    metric/<index>), scaled to a mean diagonal of one and damped by 1% of the identity:
-    mean of ‖(y − t) L‖² / d with G = L Lᵀ."""
+    the mean squared error; with ``weight="token"`` each token's relative to its target's
+    mean square (:func:`token_relative_error`); with ``weight="normed"`` that error after
+    the norm that reads the block's output (:func:`reading_norm`); with ``weight="kl"``
+    the squared error in the metric G = IO-SVD's output metric at the block's output (work
+    file metric/<index>), scaled to a mean diagonal of one and damped by 1% of the
+    identity: mean of ‖(y − t) L‖² / d with G = L Lᵀ."""
     if weight == "mse":
         return F.mse_loss
+    if weight == "token":
+        return token_relative_error
     if weight == "normed":
         norm = reading_norm(run, index)
 
@@ -374,6 +382,15 @@ def _error_of(run: BlockRun, index: int, weight: str):
         return ((output - target) @ factor).pow(2).mean()
 
     return weighted
+
+
+def token_relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of each token's squared error relative to its target's mean
+    square, mean_t(‖y_t − t_t‖² / ‖t_t‖²): every token weighs the same whatever its norm (a
+    target of zero norm is floored at 1e-6 of the mean). ``output`` and ``target``: [..., d]."""
+    square = target.pow(2).mean(dim=-1)
+    square = square.clamp_min(1e-6 * float(square.mean()) + 1e-30)
+    return ((output - target).pow(2).mean(dim=-1) / square).mean()
 
 
 def reading_norm(run: BlockRun, index: int) -> nn.Module:
