@@ -71,7 +71,7 @@ def _stepwise_logits(model, ids, steps):
     with torch.no_grad():
         for step in range(steps):
             token = ids[:, step:step + 1]
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, cache=out.cache, use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, 1).detach()
 

@@ -173,7 +173,7 @@ def test_cli_compress_of_the_test_vlm_equals_plain_smollm2_and_exports(tmp_path,
             # Two model classes feed layer 0: its statistics agree to float32 rounding, not bit
             # for bit (masks and positions are built by different code); 1e-5 of the factor's
             # scale is ~100 float32 ulps, far below what a wrong statistic would move.
-            scale = float(b.abs().max())
+            scale = float(b.detach().abs().max())
             torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=0)
     assert AutoProcessor.from_pretrained(tmp_path / "vlm") is not None
     assert main(["export", str(tmp_path / "vlm"), "--dense", "--output", str(tmp_path / "d")]) == 0

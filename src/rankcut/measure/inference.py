@@ -126,11 +126,11 @@ def time_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int
         out = model(input_ids=ids, use_cache=True)
         _sync(device)
         prefill = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         _sync(device)
         decode = time.perf_counter() - start
     return prefill, decode, cache_bytes(cache)
