@@ -128,8 +128,8 @@ def rework_blocks(run: BlockRun, step: str, calibration: Calibration, batch_size
         block = again.block(index)
         names = [n for n in run.by_block.get(index, [])
                  if isinstance(sm.model.get_submodule(n), LowRankLinear)]
-        if paired:
-            _original_stream(again, block, index, names)
+        if paired:  # only a layer rework reads the layers' original inputs
+            _original_stream(again, block, index, names, record=rework_layer is not None)
         groups = [] if rework_layer is None else _shared_input_groups(
             block, names, sm.model, (again.acts(index, 0), again.kwargs()[0]),
             again.sources[index])
@@ -248,37 +248,46 @@ def _original_layers(work, block_names: list[str], model: nn.Module) -> dict[str
     return layers
 
 
-def _original_stream(run: BlockRun, block: nn.Module, index: int, names: list[str]) -> None:
-    """Runs ``block`` with its original layers on the original stream: writes each named
-    layer's input per batch (seen/<block>/<batch>; an input several layers share, under
-    the first of them) and the block's outputs as the next block's original inputs."""
+def _original_stream(run: BlockRun, block: nn.Module, index: int, names: list[str],
+                     record: bool = True) -> None:
+    """Runs ``block`` with its original layers on the original stream: writes the block's
+    outputs as the next block's original inputs and, with ``record``, each named layer's
+    input per batch (seen/<block>/<batch>; an input several layers share, under the first
+    of them)."""
     model, work = run.sm.model, run.work
     compressed = {name: model.get_submodule(name) for name in names}
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def record(module, args, output):
+        def keep(module, args, output):
             seen[name] = args[0]  # the tensor itself: shared inputs are told by identity
-        return record
+        return keep
 
     _swap(model, _original_layers(work, names, model))
-    handles = _hooked(model, names, hook)
+    handles = _hooked(model, names if record else [], hook)
     try:
         with torch.no_grad():
             for b in range(len(run.batches)):
                 hidden = load_tensors(work.file("acts-original", index, b), run.sm.device)["h"]
                 out = run.run(block, index, b, hidden)
                 save_tensors(work.file("acts-original", index + 1, b), {"h": out})
-                distinct: dict[str, torch.Tensor] = {}  # a shared input (q/k/v) once
-                for name, tensor in seen.items():
-                    if not any(tensor is kept for kept in distinct.values()):
-                        distinct[name] = tensor
-                save_tensors(work.file("seen", index, b), distinct)
-                seen.clear()
+                if record:
+                    _save_distinct(work.file("seen", index, b), seen)
     finally:
         for handle in handles:
             handle.remove()
         _swap(model, compressed)
+
+
+def _save_distinct(path, seen: dict[str, torch.Tensor]) -> None:
+    """Saves the recorded inputs ``seen`` to ``path``, an input shared by several layers
+    (q/k/v) once, under the first of them; empties ``seen``."""
+    distinct: dict[str, torch.Tensor] = {}
+    for name, tensor in seen.items():
+        if not any(tensor is kept for kept in distinct.values()):
+            distinct[name] = tensor
+    save_tensors(path, distinct)
+    seen.clear()
 
 
 def _hooked(model: nn.Module, names: list[str], make_hook):

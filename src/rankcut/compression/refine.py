@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 WEIGHTS = ("mse", "token", "normed", "kl")
 #: How the learning rate applies to each tensor (``BlockRefineConfig.lr_scale``).
 LR_SCALES = ("absolute", "rms")
+#: The training forward's precision (``BlockRefineConfig.precision``).
+PRECISIONS = ("auto", "float32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,10 @@ class BlockRefineConfig:
             order of magnitude between layers, and by 2–5× between models).
         precision: the training forward: ``"auto"`` runs it under bf16 autocast on a CUDA
             device that supports bf16 (float32 master factors, float32 loss) and in
-            float32 elsewhere; ``"float32"`` always in float32. The held-out error that
-            picks the best epoch is always measured without autocast.
+            float32 elsewhere; ``"float32"`` always in float32; ``"bf16"`` under bf16
+            autocast on any device, the CPU included (about 1.4× faster training steps on
+            a CPU with AVX512-BF16 or AMX, emulated and slower without). The held-out
+            error that picks the best epoch is always measured without autocast.
         min_gain: the least relative held-out gain an epoch must show over the
             closed-form block to be kept (0 keeps any gain; 0.01, at least 1%): a block
             whose best epoch gains less keeps its closed-form factors, so gains within
@@ -105,7 +109,8 @@ class BlockRefineConfig:
                                    "for all (absolute) or times each tensor's root mean "
                                    "square (rms)", LR_SCALES)
     precision: str = setting("auto", "block refinement's training forward: bf16 autocast on "
-                                     "CUDA (auto) or float32 everywhere", ("auto", "float32"))
+                                     "CUDA (auto), float32 everywhere, or bf16 autocast on any "
+                                     "device (bf16)", PRECISIONS)
     min_gain: float = setting(0.0, "least relative held-out gain over the closed-form block "
                                    "for block refinement to keep an epoch (0.01: one percent)")
 
@@ -127,8 +132,8 @@ class BlockRefineConfig:
                               f"got {self.lr_scale!r}")
         if not 0.0 <= self.min_gain < 1.0:
             raise ConfigError(f"block min_gain must be in [0, 1); got {self.min_gain!r}")
-        if self.precision not in ("auto", "float32"):
-            raise ConfigError("block precision must be 'auto' or 'float32'; "
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"block precision must be one of {', '.join(PRECISIONS)}; "
                               f"got {self.precision!r}")
 
     @property
@@ -160,6 +165,11 @@ def refine_blocks(run: BlockRun, config: BlockRefineConfig, calibration) -> list
                           f"calibration samples and needs at least one batch of "
                           f"{config.batch_size} more; raise --num-samples or lower "
                           "--block-held-out / --block-batch-size")
+
+    if config.precision == "bf16" and torch.device(run.sm.device).type == "cpu" \
+            and not _cpu_has_bf16():
+        logger.warning("block precision bf16: this CPU has no bf16 instructions (AVX512-BF16 "
+                       "or AMX), so bf16 is emulated and slower than float32")
 
     def refine(again: BlockRun, block: nn.Module, index: int, names: list[str]) -> dict:
         return refine_block(again, block, index, names, config)
@@ -338,12 +348,21 @@ def _average_over_processes(params: list[nn.Parameter], stepped: bool) -> None:
 
 def training_precision(device: torch.device | str, precision: str
                        ) -> contextlib.AbstractContextManager:
-    """The context of a training forward: bf16 autocast on a CUDA ``device`` that supports
-    bf16 when ``precision`` is ``"auto"``, otherwise no change (float32)."""
+    """The context of a training forward: bf16 autocast on ``device`` when ``precision`` is
+    ``"bf16"``, or on a CUDA ``device`` that supports bf16 when it is ``"auto"``; otherwise
+    no change (float32)."""
     device = torch.device(device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (torch's AVX512-BF16 or AMX probe)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def _target(run: BlockRun, index: int, b: int) -> torch.Tensor:
