@@ -209,7 +209,7 @@ def test_block_refinement_records_no_layer_inputs(ids, monkeypatch):
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(ids, monkeypatch, caplog):
     from rankcut.compression import refine
 
-    monkeypatch.setattr(refine, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(refine, "cpu_has_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="rankcut.compression.refine"):
         _refined(ids, epochs=1, precision="bf16")
     assert "bf16 is emulated and slower than float32" in caplog.text

@@ -167,7 +167,7 @@ def refine_blocks(run: BlockRun, config: BlockRefineConfig, calibration) -> list
                           "--block-held-out / --block-batch-size")
 
     if config.precision == "bf16" and torch.device(run.sm.device).type == "cpu" \
-            and not _cpu_has_bf16():
+            and not cpu_has_bf16():
         logger.warning("block precision bf16: this CPU has no bf16 instructions (AVX512-BF16 "
                        "or AMX), so bf16 is emulated and slower than float32")
 
@@ -359,7 +359,7 @@ def training_precision(device: torch.device | str, precision: str
     return contextlib.nullcontext()
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (torch's AVX512-BF16 or AMX probe)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
