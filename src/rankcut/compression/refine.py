@@ -77,7 +77,7 @@ class BlockRefineConfig:
         precision: the training forward: ``"auto"`` runs it under bf16 autocast on a CUDA
             device that supports bf16 (float32 master factors, float32 loss) and in
             float32 elsewhere; ``"float32"`` always in float32; ``"bf16"`` under bf16
-            autocast on any device, the CPU included (about 1.4× faster training steps on
+            autocast on any device, the CPU included (about 1.5× faster training steps on
             a CPU with AVX512-BF16 or AMX, emulated and slower without). The held-out
             error that picks the best epoch is always measured without autocast.
         min_gain: the least relative held-out gain an epoch must show over the
