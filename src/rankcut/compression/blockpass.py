@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -279,7 +280,7 @@ def _original_stream(run: BlockRun, block: nn.Module, index: int, names: list[st
         _swap(model, compressed)
 
 
-def _save_distinct(path, seen: dict[str, torch.Tensor]) -> None:
+def _save_distinct(path: Path, seen: dict[str, torch.Tensor]) -> None:
     """Saves the recorded inputs ``seen`` to ``path``, an input shared by several layers
     (q/k/v) once, under the first of them; empties ``seen``."""
     distinct: dict[str, torch.Tensor] = {}
